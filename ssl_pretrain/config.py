@@ -1,0 +1,243 @@
+"""One typed config for a pretraining run.
+
+Every default lives here and names its source. A YAML preset from ``configs/`` is read on top of
+these defaults, then ``--set section.key=value`` overrides on top of that. Unknown or mistyped
+keys are rejected with a one-line message that names the key (nanoGPT-style: fail loudly).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message is one line and names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: str = "builtin:digits:train"
+    """Folder (scanned recursively), text file of paths, ``builtin:digits[:train|:test]``,
+    or a torchvision dataset on disk: ``cifar10:ROOT``, ``cifar100:ROOT``, ``stl10:ROOT``."""
+    download: bool = False
+    """Let torchvision download ``cifar10:``/``cifar100:``/``stl10:`` if missing (needs internet)."""
+    num_workers: int | Literal["auto"] = "auto"
+    """Data loader processes; ``auto`` = one per core beyond the training thread, at most 8."""
+    max_image_pixels: int = 89_478_485
+    """Images with more pixels are skipped as decompression bombs (Pillow's own limit)."""
+    cache_decoded: bool = False
+    """Decode every image once into memory (uint8) and augment from there; for small images."""
+
+
+class AugmentConfig(_Section):
+    """SimCLR augmentations (Chen et al. 2020, Appendix A) through ``lightly.transforms``.
+
+    ``recipe`` picks the defaults; any field set explicitly wins over the recipe.
+    cifar: crop scale 0.08-1, colour jitter strength 0.5, no blur (SimCLR Appendix B.9).
+    imagenet: crop scale 0.08-1, colour jitter strength 1.0, blur with p=0.5 (SimCLR Appendix A).
+    """
+
+    recipe: Literal["cifar", "imagenet"] = "cifar"
+    input_size: Optional[int] = None
+    min_scale: float = 0.08
+    cj_prob: float = 0.8
+    cj_strength: Optional[float] = None
+    gray_prob: float = 0.2
+    blur_prob: Optional[float] = None
+    hflip_prob: float = 0.5
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @model_validator(mode="after")
+    def _fill_from_recipe(self) -> "AugmentConfig":
+        recipe = {
+            "cifar": {"input_size": 32, "cj_strength": 0.5, "blur_prob": 0.0},
+            "imagenet": {"input_size": 224, "cj_strength": 1.0, "blur_prob": 0.5},
+        }[self.recipe]
+        for key, value in recipe.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        return self
+
+
+class ModelConfig(_Section):
+    backbone: str = "resnet18"
+    """A name from ``ssl_pretrain.backbones.BACKBONES`` (``ssl-pretrain --list-backbones``)."""
+    small_stem: Optional[bool] = None
+    """ResNet stem for small images (3x3 conv, no max-pool). Default: on for inputs <= 64 px."""
+    proj_hidden_dim: int = 2048
+    proj_output_dim: int = 128
+    """SimCLR paper: 2-layer MLP head, 128-d output (Section 4.2)."""
+
+
+class LossConfig(_Section):
+    temperature: float = Field(0.5, gt=0)
+    """NT-Xent temperature. 0.5 is the SimCLR paper's best for CIFAR-10 (Appendix B.9) and
+    lightly's default; the paper uses 0.1 for ImageNet (Table 5)."""
+
+
+class OptimConfig(_Section):
+    name: Literal["sgd", "lars"] = "sgd"
+    lr: float = Field(0.06, gt=0)
+    """Base learning rate for a batch of 256; scaled by ``lr_scaling``. 0.06 x bs/256 with SGD is
+    lightly's CIFAR-10 benchmark; SimCLR uses LARS with 0.3 x bs/256 on ImageNet."""
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    """5e-4 for CIFAR with SGD (lightly benchmark); SimCLR uses 1e-6 with LARS on ImageNet.
+    Never applied to norm layers and biases."""
+    warmup_epochs: float = 10
+    """Linear warm-up, then cosine decay to zero (SimCLR: 10 epochs of warm-up)."""
+    grad_clip: Optional[float] = None
+    """Clip the gradient's global norm to this value; off by default."""
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(256, ge=2)
+    seed: int = 0
+    device: str = "auto"
+    """``auto`` (CUDA, then MPS, then CPU), or any torch device string."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto``: bf16 autocast on CUDA, fp32 elsewhere."""
+    channels_last: Optional[bool] = None
+    """Default: on for CUDA."""
+    compile: bool = False
+    """``torch.compile`` the model (GPU; slow to start)."""
+    checkpoint_every_steps: int = Field(0, ge=0)
+    """Also write ``checkpoints/last.pt`` every N steps (0: only at the end of each epoch)."""
+    keep_every_epochs: int = Field(0, ge=0)
+    """Keep a copy ``checkpoints/epoch-NNNN.pt`` every N epochs (0: keep only the last)."""
+    log_every_steps: int = Field(10, ge=1)
+    tensorboard: bool = False
+    threads: Optional[int] = None
+    """torch intra-op threads; default leaves torch's choice."""
+
+
+class MonitorConfig(_Section):
+    """Online kNN monitor: kNN top-1 of the backbone's features on labelled data."""
+
+    train: Optional[str] = None
+    """Labelled source for the kNN memory (image-folder layout or ``builtin:digits:train``)."""
+    val: Optional[str] = None
+    """Labelled source to classify (image-folder layout or ``builtin:digits:test``)."""
+    every_epochs: int = Field(1, ge=1)
+    k: int = Field(200, ge=1)
+    temperature: float = Field(0.1, gt=0)
+    """k=200, T=0.1: the InstDisc protocol used by lightly's benchmarks."""
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    monitor: MonitorConfig = MonitorConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (lists, not tuples) that YAML and ``torch.load(weights_only=True)`` accept."""
+        return _tuples_to_lists(self.model_dump())
+
+
+def _tuples_to_lists(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _tuples_to_lists(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_tuples_to_lists(item) for item in value]
+    return value
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: Any = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        model = field.annotation
+    return list(model.model_fields) if hasattr(model, "model_fields") else []
+
+
+def _format_validation_error(error: ValidationError, origin: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(first["loc"])
+        close = difflib.get_close_matches(str(first["loc"][-1]), allowed, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(allowed)}"
+        return f"{origin}: unknown config key '{key}'{hint}"
+    return f"{origin}: bad value for '{key}': {first['msg']} (got {first.get('input')!r})"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'optim.lr=0.3'`` -> ``(['optim', 'lr'], 0.3)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects KEY=VALUE (for example optim.lr=0.3), got '{text}'")
+    key, raw = text.split("=", 1)
+    parts = [part for part in key.strip().split(".") if part]
+    if not parts:
+        raise ConfigError(f"--set has an empty key in '{text}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _apply_override(tree: dict, parts: list[str], value: Any) -> None:
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set: '{'.'.join(parts[: depth + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``KEY=VALUE`` overrides.
+
+    Raises:
+        ConfigError: a missing or malformed file, an unknown key or a bad value (one line).
+    """
+    tree: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        origin = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, not {type(loaded).__name__}")
+        tree = loaded or {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        _apply_override(tree, parts, value)
+        origin = f"{origin} + --set"
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, origin)) from None
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a config saved in a checkpoint or run folder."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, "saved config")) from None

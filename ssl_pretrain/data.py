@@ -1,0 +1,303 @@
+"""Images on disk -> a list of sources that each yield RGB PIL images, skipping what is unreadable.
+
+A *source* is anything with ``__len__``, ``load(index) -> PIL.Image (RGB)``, ``name(index)`` and,
+when labelled, ``labels`` (int array) and ``classes`` (names). ``open_source`` turns the strings
+users type (a folder, a text file of paths, ``builtin:digits``, ``cifar10:ROOT``...) into one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Protocol, Sequence
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+
+# A truncated file must be reported, not silently padded with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class DataError(ValueError):
+    """A data source that cannot be used at all (missing, empty, nothing readable)."""
+
+
+class UnreadableImage(Exception):
+    """One file that cannot be decoded into an image; the message is the reason."""
+
+
+class ImageSource(Protocol):
+    def __len__(self) -> int: ...
+    def load(self, index: int) -> Image.Image: ...
+    def name(self, index: int) -> str: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding one file
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB. 16-bit and float images are rescaled by their range."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
+        image = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")  # keeps palette transparency explicit before dropping it
+    return image.convert("RGB")
+
+
+def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode ``path`` into an RGB image, honouring EXIF rotation.
+
+    Raises:
+        UnreadableImage: zero bytes, not an image, truncated, or more than ``max_pixels``.
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            raise UnreadableImage("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's bomb *warning*; we enforce our own limit
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise UnreadableImage(f"{width}x{height} exceeds {max_pixels} pixels")
+                if width < 1 or height < 1:
+                    raise UnreadableImage(f"degenerate size {width}x{height}")
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                return to_rgb(image)
+    except UnreadableImage:
+        raise
+    except Image.DecompressionBombError as error:
+        raise UnreadableImage(f"decompression bomb: {error}") from None
+    except Image.UnidentifiedImageError:
+        raise UnreadableImage("not an image Pillow can identify") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise UnreadableImage(f"{type(error).__name__}: {error}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding files
+
+
+def scan_images(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
+    """All image files under ``root``, recursively, sorted. Follows symlinks, never loops.
+
+    ``os.scandir`` reuses the directory entries' types, so 100,000 files take about a second.
+    """
+    extensions = tuple(ext.lower() for ext in extensions)
+    found: list[str] = []
+    seen_dirs: set[tuple[int, int]] = set()
+    stack = [os.fspath(root)]
+    while stack:
+        directory = stack.pop()
+        try:
+            stat = os.stat(directory)
+            if (stat.st_dev, stat.st_ino) in seen_dirs:
+                continue  # a symlink loop or a folder reached twice
+            seen_dirs.add((stat.st_dev, stat.st_ino))
+            entries = list(os.scandir(directory))
+        except OSError as error:
+            log.warning("skipped folder %s: %s", directory, error.strerror or error)
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir():
+                    stack.append(entry.path)
+                elif entry.name.lower().endswith(extensions) and entry.is_file():
+                    found.append(entry.path)
+            except OSError:
+                continue  # a dangling or looping link
+    found.sort()
+    return found
+
+
+def read_path_list(list_file: str | Path) -> list[str]:
+    """A text file with one image path per line (relative paths are relative to the file)."""
+    base = Path(list_file).parent
+    paths = []
+    for line in Path(list_file).read_text(errors="replace").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            path = Path(line)
+            paths.append(str(path if path.is_absolute() else base / path))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclass
+class FileSource:
+    """Image files on disk, optionally labelled by their class folder."""
+
+    paths: list[str]
+    labels: Optional[np.ndarray] = None
+    classes: list[str] = field(default_factory=list)
+    root: str = ""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> Image.Image:
+        return load_image(self.paths[index], self.max_pixels)
+
+    def name(self, index: int) -> str:
+        path = self.paths[index]
+        return os.path.relpath(path, self.root) if self.root else path
+
+
+@dataclass
+class ArraySource:
+    """Images held in memory as a uint8 array (N, H, W[, C]), e.g. the built-in digits."""
+
+    images: np.ndarray
+    labels: Optional[np.ndarray] = None
+    classes: list[str] = field(default_factory=list)
+    prefix: str = "array"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> Image.Image:
+        return to_rgb(Image.fromarray(self.images[index]))
+
+    def name(self, index: int) -> str:
+        return f"{self.prefix}/{index:06d}"
+
+
+def digits_source(split: str = "all") -> ArraySource:
+    """scikit-learn's bundled 1,797 real 8x8 handwritten digits (no download).
+
+    ``split`` is ``all``, ``train`` (75%) or ``test`` (25%): a stratified split with a fixed seed,
+    so pretraining on ``train`` never sees the ``test`` images.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    labels = digits.target.astype(np.int64)
+    if split != "all":
+        if split not in ("train", "test"):
+            raise DataError(f"builtin:digits has splits train, test and all, not '{split}'")
+        train_idx, test_idx = train_test_split(
+            np.arange(len(labels)), test_size=0.25, stratify=labels, random_state=0
+        )
+        chosen = np.sort(train_idx if split == "train" else test_idx)
+        images, labels = images[chosen], labels[chosen]
+    return ArraySource(images, labels, [str(i) for i in range(10)], prefix=f"digits-{split}")
+
+
+def _torchvision_source(kind: str, root: str, split: str, download: bool) -> ArraySource:
+    import torchvision.datasets as tvd
+
+    try:
+        if kind in ("cifar10", "cifar100"):
+            cls = tvd.CIFAR10 if kind == "cifar10" else tvd.CIFAR100
+            dataset = cls(root, train=(split != "test"), download=download)
+            images, labels = np.asarray(dataset.data), np.asarray(dataset.targets)
+        else:  # stl10: pretraining uses the unlabelled 100k together with the labelled train
+            stl_split = {"train": "train", "test": "test", "unlabeled": "unlabeled"}.get(split, "train+unlabeled")
+            dataset = tvd.STL10(root, split=stl_split, download=download)
+            images, labels = dataset.data.transpose(0, 2, 3, 1), np.asarray(dataset.labels)
+    except RuntimeError as error:
+        hint = "" if download else " (pass data.download=true to let torchvision fetch it)"
+        raise DataError(f"{kind} not found under {root}: {str(error).splitlines()[0]}{hint}") from None
+    classes = list(getattr(dataset, "classes", []))
+    has_labels = bool((labels >= 0).all())
+    return ArraySource(np.ascontiguousarray(images), labels if has_labels else None, classes, prefix=kind)
+
+
+def image_folder_source(root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> FileSource:
+    """Labelled images in image-folder layout: ``root/<class>/**/<image>``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"labelled folder not found: {root}")
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not classes:
+        raise DataError(f"{root} has no class subfolders (expected {root}/<class>/<image>)")
+    paths, labels, empty = [], [], []
+    for label, class_name in enumerate(classes):
+        class_paths = scan_images(root / class_name)
+        if not class_paths:
+            empty.append(class_name)
+        paths += class_paths
+        labels += [label] * len(class_paths)
+    if empty:
+        raise DataError(f"{root}: class folder(s) with no images: {', '.join(empty)}")
+    return FileSource(paths, np.asarray(labels, dtype=np.int64), classes, str(root), max_pixels)
+
+
+def _parse_spec(spec: str) -> tuple[str, str, str]:
+    """``'cifar10:/data:test'`` -> ``('cifar10', '/data', 'test')``."""
+    kind, _, rest = spec.partition(":")
+    split = "train"
+    for candidate in ("train", "test", "unlabeled", "all"):
+        if rest.endswith(":" + candidate):
+            rest, split = rest[: -len(candidate) - 1], candidate
+    return kind, rest, split
+
+
+def open_source(
+    spec: str, *, labelled: bool = False, download: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> ImageSource:
+    """Turn what a user typed into an image source.
+
+    Args:
+        spec: a folder, a ``.txt`` list of paths, ``builtin:digits[:train|:test|:all]``, or
+            ``cifar10:ROOT[:train|:test]``, ``cifar100:ROOT[...]``, ``stl10:ROOT[...]``.
+        labelled: folders are read in image-folder layout (one subfolder per class).
+        download: allow torchvision to download a named dataset.
+
+    Raises:
+        DataError: the source does not exist, or holds no image files (one line).
+    """
+    if spec.startswith("builtin:"):
+        name, _, split = spec[len("builtin:"):].partition(":")
+        if name != "digits":
+            raise DataError(f"unknown built-in dataset '{name}' (available: digits)")
+        return digits_source(split or "all")
+    kind, root, split = _parse_spec(spec)
+    if kind in ("cifar10", "cifar100", "stl10") and root and not Path(spec).exists():
+        return _torchvision_source(kind, root, split, download)
+    path = Path(spec)
+    if labelled:
+        return image_folder_source(path, max_pixels)
+    if path.is_file():
+        paths = read_path_list(path)
+        if not paths:
+            raise DataError(f"{path} lists no image paths")
+        return FileSource(paths, root="", max_pixels=max_pixels)
+    if not path.is_dir():
+        raise DataError(f"data not found: {spec} (a folder, a .txt list of paths, or builtin:digits)")
+    paths = scan_images(path)
+    if not paths:
+        raise DataError(f"no image files under {path} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return FileSource(paths, root=str(path), max_pixels=max_pixels)
+
+
+def check_readable(source: ImageSource, probe: int = 64) -> None:
+    """Fail early, in one line, when none of the first ``probe`` images can be decoded."""
+    reasons = []
+    for index in range(min(probe, len(source))):
+        try:
+            source.load(index)
+            return
+        except UnreadableImage as error:
+            reasons.append(f"{source.name(index)}: {error}")
+    if len(source) <= probe:
+        raise DataError(f"none of the {len(source)} files could be read as an image (first: {reasons[0]})")
+    log.warning("the first %d files are all unreadable (first: %s)", probe, reasons[0])
