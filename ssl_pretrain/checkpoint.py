@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -113,10 +114,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0][:160]
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = f" ({found.group(1)})" if found else ""
         raise CheckpointError(
-            f"{path} was refused: it holds objects other than tensors and plain values, and "
-            f"unpickling them could run code ({first})"
+            f"{path} was refused: it holds objects other than tensors and plain values{what}, and "
+            "unpickling them could run code"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -27,17 +27,17 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: str = "builtin:digits:train"
+    source: Optional[str] = None
     """Folder (scanned recursively), text file of paths, ``builtin:digits[:train|:test]``,
     or a torchvision dataset on disk: ``cifar10:ROOT``, ``cifar100:ROOT``, ``stl10:ROOT``."""
     download: bool = False
     """Let torchvision download ``cifar10:``/``cifar100:``/``stl10:`` if missing (needs internet)."""
     num_workers: int | Literal["auto"] = "auto"
     """Data loader processes; ``auto`` = one per core beyond the training thread, at most 8."""
+    max_images: Optional[int] = Field(None, ge=1)
+    """Use a fixed random subset of this many images (quick trials, tests); default: all."""
     max_image_pixels: int = 89_478_485
     """Images with more pixels are skipped as decompression bombs (Pillow's own limit)."""
-    cache_decoded: bool = False
-    """Decode every image once into memory (uint8) and augment from there; for small images."""
 
 
 class AugmentConfig(_Section):
@@ -76,9 +76,19 @@ class ModelConfig(_Section):
     """A name from ``ssl_pretrain.backbones.BACKBONES`` (``ssl-pretrain --list-backbones``)."""
     small_stem: Optional[bool] = None
     """ResNet stem for small images (3x3 conv, no max-pool). Default: on for inputs <= 64 px."""
-    proj_hidden_dim: int = 2048
-    proj_output_dim: int = 128
+    proj_hidden_dim: int = Field(2048, ge=1)
+    proj_output_dim: int = Field(128, ge=1)
     """SimCLR paper: 2-layer MLP head, 128-d output (Section 4.2)."""
+
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, name: str) -> str:
+        from ssl_pretrain.backbones import BACKBONES
+
+        if name not in BACKBONES:
+            raise ValueError(f"unknown backbone; available: {', '.join(sorted(BACKBONES))}")
+        return name
 
 
 class LossConfig(_Section):

@@ -178,6 +178,40 @@ class ArraySource:
         return f"{self.prefix}/{index:06d}"
 
 
+@dataclass
+class SubsetSource:
+    """A fixed subset of another source (same ``load``/``name``, labels sliced)."""
+
+    source: ImageSource
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int) -> Image.Image:
+        return self.source.load(int(self.indices[index]))
+
+    def name(self, index: int) -> str:
+        return self.source.name(int(self.indices[index]))
+
+    @property
+    def labels(self) -> Optional[np.ndarray]:
+        labels = getattr(self.source, "labels", None)
+        return None if labels is None else labels[self.indices]
+
+    @property
+    def classes(self) -> list[str]:
+        return getattr(self.source, "classes", [])
+
+
+def random_subset(source: ImageSource, count: Optional[int], seed: int = 0) -> ImageSource:
+    """``count`` images drawn without replacement with a fixed seed, in their original order."""
+    if count is None or count >= len(source):
+        return source
+    indices = np.sort(np.random.default_rng(seed).choice(len(source), size=count, replace=False))
+    return SubsetSource(source, indices)
+
+
 def digits_source(split: str = "all") -> ArraySource:
     """scikit-learn's bundled 1,797 real 8x8 handwritten digits (no download).
 

@@ -17,6 +17,7 @@ class SimCLR(nn.Module):
     def __init__(self, backbone: nn.Module, feature_dim: int, hidden_dim: int, output_dim: int):
         super().__init__()
         self.backbone = backbone
+        self.feature_dim = feature_dim
         self.projection_head = SimCLRProjectionHead(feature_dim, hidden_dim, output_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,138 @@
+"""The run folder: ``config.yaml``, ``metrics.jsonl``, ``train.log``, ``checkpoints/``, the backbone.
+
+A folder that already holds a run is never overwritten by accident, and two processes never
+write into one folder at once (an exclusive lock held for the whole run).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from ssl_pretrain.checkpoint import BACKBONE_FILE, LAST_CHECKPOINT
+
+log = logging.getLogger("ssl_pretrain")
+
+
+class RunFolderError(RuntimeError):
+    """The output folder cannot be used as asked (one-line message)."""
+
+
+class RunFolder:
+    """Owns one run folder for the duration of a run (use as a context manager)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config_file = self.path / "config.yaml"
+        self.metrics_file = self.path / "metrics.jsonl"
+        self.log_file = self.path / "train.log"
+        self.last_checkpoint = self.path / LAST_CHECKPOINT
+        self.backbone_file = self.path / BACKBONE_FILE
+        self._lock_handle = None
+        self._log_handler: Optional[logging.Handler] = None
+
+    def holds_run(self) -> bool:
+        return self.config_file.exists() or self.last_checkpoint.exists()
+
+    def prepare(self, resume: bool, overwrite: bool) -> None:
+        """Create (or, with ``overwrite``, empty) the folder, take its lock, start the log file.
+
+        Raises:
+            RunFolderError: the folder holds a run and neither ``resume`` nor ``overwrite`` was
+                given, or another process is writing into it.
+        """
+        if self.holds_run() and not resume and not overwrite:
+            raise RunFolderError(
+                f"{self.path} already holds a run: pass --resume to continue it, "
+                "or --overwrite to delete it and start again"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        if overwrite and not resume:
+            for child in self.path.iterdir():
+                if child.name != ".lock":
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        self._start_log_file()
+
+    def _take_lock(self) -> None:
+        self._lock_handle = open(self.path / ".lock", "w")
+        try:
+            fcntl.flock(self._lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_handle.close()
+            self._lock_handle = None
+            raise RunFolderError(f"another process is already writing into {self.path}") from None
+
+    def _start_log_file(self) -> None:
+        logger = logging.getLogger("ssl_pretrain")
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)  # the run log always gets INFO lines
+        handler = logging.FileHandler(self.log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        self._log_handler = handler
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def read_config(self) -> Optional[dict[str, Any]]:
+        return yaml.safe_load(self.config_file.read_text()) if self.config_file.exists() else None
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_file, "a") as file:
+            file.write(json.dumps(record) + "\n")
+
+    def trim_metrics(self, after_step: int) -> None:
+        """On resume, drop records written after the checkpoint, so none is counted twice."""
+        if not self.metrics_file.exists():
+            return
+        kept = [
+            line for line in self.metrics_file.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= after_step
+        ]
+        self.metrics_file.write_text("".join(line + "\n" for line in kept))
+
+    def close(self) -> None:
+        if self._log_handler is not None:
+            logging.getLogger("ssl_pretrain").removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+        if self._lock_handle is not None:
+            fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    def __enter__(self) -> "RunFolder":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (it may be swapped, e.g. by pytest's capture)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def setup_console_logging(level: int = logging.INFO) -> None:
+    """Log lines of the package to stderr once (the CLI calls this; library users choose)."""
+    logger = logging.getLogger("ssl_pretrain")
+    logger.setLevel(level)
+    if not any(isinstance(handler, _CurrentStderrHandler) for handler in logger.handlers):
+        handler = _CurrentStderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)

@@ -1,0 +1,349 @@
+"""The pretraining loop: one function, ``pretrain(cfg, out_dir)``, read top to bottom.
+
+images -> two views (``dataset``) -> backbone + head (``model``) -> NT-Xent -> SGD/LARS step,
+a checkpoint after every epoch, the backbone exported at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import ssl_pretrain
+from ssl_pretrain.backbones import resolve_small_stem
+from ssl_pretrain.checkpoint import (
+    BackboneInfo,
+    CheckpointError,
+    export_backbone,
+    load_checkpoint,
+    load_state_dict_strict,
+    save_checkpoint,
+)
+from ssl_pretrain.config import Config, ConfigError, config_from_dict
+from ssl_pretrain.data import DataError, check_readable, open_source, random_subset
+from ssl_pretrain.dataset import EpochBatchSampler, TwoViewDataset, collate_views, seed_everything, worker_count
+from ssl_pretrain.model import SimCLR, build_loss, build_model
+from ssl_pretrain.optim import build_optimizer, build_scheduler, scaled_lr
+from ssl_pretrain.run_folder import RunFolder
+from ssl_pretrain.transforms import build_view_transform
+
+log = logging.getLogger("ssl_pretrain")
+
+# Keys that may change when a run is resumed; anything else must match the saved config.
+RESUMABLE_CHANGES = {
+    "train.epochs", "train.device", "train.threads", "train.log_every_steps", "train.tensorboard",
+    "train.checkpoint_every_steps", "train.keep_every_epochs", "data.num_workers", "data.source",
+    "monitor.train", "monitor.val", "monitor.every_epochs",
+}
+
+
+class DivergenceError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class RunState:
+    """Where the run stands: the next epoch and step to run, and what was skipped so far."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting != "auto":
+        return torch.device(setting)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def backbone_info(cfg: Config, feature_dim: int, epoch: int = 0) -> BackboneInfo:
+    return BackboneInfo(
+        architecture=cfg.model.backbone,
+        small_stem=resolve_small_stem(cfg.model.small_stem, cfg.augment.input_size),
+        feature_dim=feature_dim,
+        input_size=cfg.augment.input_size,
+        mean=tuple(cfg.augment.mean),
+        std=tuple(cfg.augment.std),
+        epoch=epoch,
+    )
+
+
+def check_resume_compatible(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> None:
+    """A resumed run must train the same model the same way; only a few keys may change."""
+    for key, saved_value in saved.items():
+        path = f"{prefix}{key}"
+        new_value = new.get(key)
+        if isinstance(saved_value, dict) and isinstance(new_value, dict):
+            check_resume_compatible(saved_value, new_value, path + ".")
+        elif saved_value != new_value and path not in RESUMABLE_CHANGES:
+            raise ConfigError(
+                f"cannot resume: '{path}' is {new_value!r} now but the run was started with "
+                f"{saved_value!r} (use another --out folder for a different setting)"
+            )
+
+
+def build_loader(cfg: Config, source, device: torch.device) -> tuple[DataLoader, EpochBatchSampler]:
+    transform = build_view_transform(cfg.augment)
+    dataset = TwoViewDataset(source, transform, cfg.train.seed)
+    sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.seed)
+    workers = worker_count(cfg.data.num_workers, len(dataset))
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_views,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    log.info("data: %d images, batch %d, %d steps/epoch, %d loader workers",
+             len(dataset), cfg.train.batch_size, len(sampler), workers)
+    return loader, sampler
+
+
+def restore(run: RunFolder, cfg: Config, model, optimizer, scheduler) -> RunState:
+    """Load ``last.pt`` into the model, optimiser and scheduler; return where to continue."""
+    state = load_checkpoint(run.last_checkpoint)
+    check_resume_compatible(state["config"], cfg.to_dict())
+    load_state_dict_strict(model, state["model"], str(run.last_checkpoint))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(("MT19937", state["rng"]["numpy"].numpy().astype(np.uint32), *state["rng"]["numpy_pos"]))
+    import random
+
+    random.setstate((state["rng"]["python"][0], tuple(state["rng"]["python"][1]), state["rng"]["python"][2]))
+    run.trim_metrics(after_step=state["global_step"])
+    log.info("resumed from %s at epoch %d, step %d", run.last_checkpoint, state["epoch"] + 1,
+             state["step_in_epoch"])
+    return RunState(state["epoch"], state["step_in_epoch"], state["global_step"], dict(state["skipped"]))
+
+
+def rng_states() -> dict[str, Any]:
+    import random
+
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(numpy_state[1].astype(np.int64)),
+        "numpy_pos": [int(numpy_state[2]), int(numpy_state[3]), float(numpy_state[4])],
+        "python": [python_state[0], list(python_state[1]), python_state[2]],
+    }
+
+
+def write_checkpoint(run: RunFolder, cfg: Config, model: SimCLR, optimizer, scheduler, state: RunState) -> None:
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    model_state = model.state_dict()
+    save_checkpoint(run.last_checkpoint, {
+        "config": cfg.to_dict(),
+        "epoch": state.epoch,
+        "step_in_epoch": state.step_in_epoch,
+        "global_step": state.global_step,
+        "model": {key: value.detach().cpu() for key, value in model_state.items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_states(),
+        "skipped": dict(state.skipped),
+        "backbone_info": backbone_info(cfg, model.feature_dim, state.epoch).__dict__,
+        "versions": {"ssl_pretrain": ssl_pretrain.__version__, "torch": str(torch.__version__)},
+    })
+
+
+@dataclass
+class Step:
+    """What one optimisation step needs, resolved once per run."""
+
+    model: SimCLR
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    device: torch.device
+    autocast: Any
+    channels_last: bool
+    grad_clip: Optional[float]
+
+
+def train_step(step: Step, views: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """One SGD/LARS step on a batch of view pairs; returns the (detached) loss."""
+    memory_format = torch.channels_last if step.channels_last else torch.contiguous_format
+    # Both views in one forward pass: BatchNorm sees the whole 2B batch, as in SimCLR.
+    images = torch.cat(views).to(step.device, non_blocking=True, memory_format=memory_format)
+    with step.autocast():
+        projections_a, projections_b = step.model(images).float().chunk(2)
+        loss = step.criterion(projections_a, projections_b)
+    step.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if step.grad_clip:
+        torch.nn.utils.clip_grad_norm_(step.model.parameters(), step.grad_clip)
+    step.optimizer.step()
+    step.scheduler.step()
+    return loss.detach()
+
+
+def diverged(loss: float, state: RunState, run: RunFolder, lr: float) -> DivergenceError:
+    return DivergenceError(
+        f"loss became {loss} at epoch {state.epoch + 1}, step {state.step_in_epoch} (lr {lr:.3g}): "
+        f"training stopped, the last good checkpoint is kept in {run.last_checkpoint.parent}; "
+        "lower optim.lr, raise optim.warmup_epochs or set optim.grad_clip"
+    )
+
+
+def run_epoch(cfg: Config, run: RunFolder, step: Step, loader, sampler, state: RunState, progress: bool) -> dict:
+    """Train one epoch (from ``state.step_in_epoch`` on); returns the epoch's summary record."""
+    sampler.set_epoch(state.epoch, state.step_in_epoch)
+    step.model.train()
+    started, images_seen, loss_sum, steps_done = time.perf_counter(), 0, 0.0, 0
+    bar = tqdm(loader, total=len(sampler), desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}",
+               unit="step", disable=not progress, dynamic_ncols=True, leave=False)
+    for batch in bar:
+        for name, reason in batch["skipped"]:
+            if name not in state.skipped:
+                state.skipped[name] = reason
+                log.warning("skipped unreadable image %s: %s", name, reason)
+        state.step_in_epoch += 1
+        state.global_step += 1
+        views = batch["views"]
+        if views is None or len(views[0]) < 2:
+            continue  # every image of this batch was unreadable
+        loss = train_step(step, views).item()
+        lr = step.optimizer.param_groups[0]["lr"]
+        if not math.isfinite(loss):
+            raise diverged(loss, state, run, lr)
+        images_seen, loss_sum, steps_done = images_seen + len(views[0]), loss_sum + loss, steps_done + 1
+        rate = images_seen / (time.perf_counter() - started)
+        if state.global_step % cfg.train.log_every_steps == 0:
+            run.append_metrics({"step": state.global_step, "epoch": state.epoch + 1, "loss": loss,
+                                "lr": lr, "images_per_s": rate})
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+        if cfg.train.checkpoint_every_steps and state.global_step % cfg.train.checkpoint_every_steps == 0:
+            write_checkpoint(run, cfg, step.model, step.optimizer, step.scheduler, state)
+    bar.close()
+    if steps_done == 0:
+        raise DataError(f"no batch could be formed in epoch {state.epoch + 1}: "
+                        f"{len(state.skipped)} unreadable files (see {run.log_file})")
+    seconds = time.perf_counter() - started
+    return {"step": state.global_step, "epoch": state.epoch + 1, "loss_mean": loss_sum / steps_done,
+            "seconds": round(seconds, 3), "images_per_s": images_seen / seconds,
+            "skipped_files": len(state.skipped)}
+
+
+def make_step(cfg: Config, model: SimCLR, optimizer, scheduler, device: torch.device) -> Step:
+    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    channels_last = device.type == "cuda" if cfg.train.channels_last is None else cfg.train.channels_last
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    forward_model = torch.compile(model) if cfg.train.compile else model
+    return Step(forward_model, build_loss(cfg.loss), optimizer, scheduler, device, autocast,
+                channels_last, cfg.optim.grad_clip)
+
+
+def pretrain(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: bool = False,
+             progress: bool = True) -> Path:
+    """Pretrain a SimCLR backbone on ``cfg.data.source`` and write the run into ``out_dir``.
+
+    Args:
+        resume: continue from ``out_dir/checkpoints/last.pt``; starts fresh when there is none.
+        overwrite: delete a run already in ``out_dir`` instead of refusing.
+        progress: show a progress bar.
+
+    Returns:
+        The path of the exported ``backbone.safetensors``.
+
+    Raises:
+        ConfigError, DataError, CheckpointError, RunFolderError, DivergenceError: one-line errors.
+    """
+    if not cfg.data.source:
+        raise ConfigError("no data given: pass --data PATH (or set data.source in the config)")
+    with RunFolder(out_dir) as run:
+        run.prepare(resume=resume, overwrite=overwrite)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        device = resolve_device(cfg.train.device)
+        source = open_source(cfg.data.source, download=cfg.data.download, max_pixels=cfg.data.max_image_pixels)
+        source = random_subset(source, cfg.data.max_images)
+        check_readable(source)
+        if len(source) < cfg.train.batch_size:
+            raise DataError(f"{cfg.data.source} has {len(source)} images, fewer than one batch of "
+                            f"{cfg.train.batch_size}: lower --batch-size")
+        loader, sampler = build_loader(cfg, source, device)
+
+        seed_everything(cfg.train.seed)
+        model = build_model(cfg.model, resolve_small_stem(cfg.model.small_stem, cfg.augment.input_size)).to(device)
+        optimizer = build_optimizer(model, cfg.optim, cfg.train.batch_size)
+        scheduler = build_scheduler(optimizer, cfg.optim, len(sampler), cfg.train.epochs)
+        state = RunState()
+        if resume and run.last_checkpoint.exists():
+            state = restore(run, cfg, model, optimizer, scheduler)
+        elif resume:
+            log.info("no checkpoint in %s yet: starting fresh", run.path)
+        run.write_config(cfg.to_dict())
+        log.info("run %s on %s: %s, %d epochs, peak lr %.4g", run.path, device, cfg.model.backbone,
+                 cfg.train.epochs, scaled_lr(cfg.optim, cfg.train.batch_size))
+        train_epochs(cfg, run, make_step(cfg, model, optimizer, scheduler, device), loader, sampler, state, progress)
+        export_backbone(run.backbone_file, model.backbone, backbone_info(cfg, model.feature_dim, state.epoch))
+        log.info("done: backbone written to %s; %d unreadable files skipped", run.backbone_file, len(state.skipped))
+        return run.backbone_file
+
+
+def train_epochs(cfg: Config, run: RunFolder, step: Step, loader, sampler, state: RunState, progress: bool) -> None:
+    monitor = build_monitor(cfg, step.device)
+    writer = tensorboard_writer(cfg, run)
+    run_started, start_epoch = time.perf_counter(), state.epoch
+    while state.epoch < cfg.train.epochs:
+        record = run_epoch(cfg, run, step, loader, sampler, state, progress)
+        state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        if monitor and state.epoch % cfg.monitor.every_epochs == 0:
+            record["knn_top1"] = monitor(getattr(step.model, "_orig_mod", step.model).backbone)
+        write_checkpoint(run, cfg, step.model, step.optimizer, step.scheduler, state)
+        if cfg.train.keep_every_epochs and state.epoch % cfg.train.keep_every_epochs == 0:
+            import shutil
+
+            shutil.copyfile(run.last_checkpoint, run.last_checkpoint.with_name(f"epoch-{state.epoch:04d}.pt"))
+        run.append_metrics(record)
+        if writer:
+            for key in ("loss_mean", "images_per_s", "knn_top1"):
+                if key in record:
+                    writer.add_scalar(f"pretrain/{key}", record[key], state.epoch)
+        elapsed = time.perf_counter() - run_started
+        eta = elapsed / (state.epoch - start_epoch) * (cfg.train.epochs - state.epoch)
+        knn = f", kNN top-1 {record['knn_top1']:.2%}" if "knn_top1" in record else ""
+        log.info("epoch %d/%d: loss %.4f, %.0f images/s, %d skipped files%s, ETA %.0f s", state.epoch,
+                 cfg.train.epochs, record["loss_mean"], record["images_per_s"], record["skipped_files"], knn, eta)
+    if writer:
+        writer.close()
+
+
+def tensorboard_writer(cfg: Config, run: RunFolder):
+    if not cfg.train.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(run.path / "tensorboard"))
+
+
+def build_monitor(cfg: Config, device: torch.device):
+    """The online kNN monitor (None when ``monitor.train``/``monitor.val`` are not both set)."""
+    if not (cfg.monitor.train and cfg.monitor.val):
+        return None
+    from ssl_pretrain.monitor import KnnMonitor
+
+    return KnnMonitor(cfg, device)

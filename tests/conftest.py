@@ -1,0 +1,53 @@
+"""Shared fixtures: real images (scikit-learn's digits) written as files, and a tiny fast config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ssl_pretrain.config import Config, load_config
+from ssl_pretrain.data import digits_source
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def write_digit_images(folder: Path, count: int, with_classes: bool = True, size: int = 16) -> list[Path]:
+    """Write the first ``count`` training digits as PNG files (``folder/<class>/<n>.png``)."""
+    source = digits_source("train")
+    paths = []
+    for index in range(count):
+        label = int(source.labels[index])
+        target = folder / str(label) if with_classes else folder
+        target.mkdir(parents=True, exist_ok=True)
+        path = target / f"{index:04d}.png"
+        source.load(index).resize((size, size), Image.BICUBIC).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory) -> Path:
+    """200 real digits as 16x16 PNG files in class subfolders."""
+    folder = tmp_path_factory.mktemp("digits")
+    write_digit_images(folder, 200)
+    return folder
+
+
+def tiny_config(*overrides: str, source: str = "builtin:digits:train") -> Config:
+    """smallconv at 16 px, batch 64, 1 epoch, no workers, no monitor: a second or two per epoch."""
+    base = [
+        f"data.source={source}", "data.num_workers=0", "data.max_images=256",
+        "augment.input_size=16", "augment.min_scale=0.25",
+        "model.backbone=smallconv", "model.proj_hidden_dim=128", "model.proj_output_dim=32",
+        "loss.temperature=0.2", "optim.lr=0.5", "optim.warmup_epochs=0",
+        "train.epochs=1", "train.batch_size=64", "train.log_every_steps=1",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
