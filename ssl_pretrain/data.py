@@ -90,14 +90,25 @@ def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
 # Finding files
 
 
-def scan_images(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
+def scan_images(
+    root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS, skip_dirs: Sequence[str | Path] = ()
+) -> list[str]:
     """All image files under ``root``, recursively, sorted. Follows symlinks, never loops.
 
-    ``os.scandir`` reuses the directory entries' types, so 100,000 files take about a second.
+    ``skip_dirs`` are folders never entered, even through a link (``image_folder_source`` passes
+    the top folder and the other classes, so that ``cats/loop -> ..`` cannot file every dog under
+    cats too). ``os.scandir`` reuses the directory entries' types, so 100,000 files take about a
+    second.
     """
     extensions = tuple(ext.lower() for ext in extensions)
     found: list[str] = []
     seen_dirs: set[tuple[int, int]] = set()
+    for directory in skip_dirs:
+        try:
+            stat = os.stat(directory)
+            seen_dirs.add((stat.st_dev, stat.st_ino))
+        except OSError:
+            pass
     stack = [os.fspath(root)]
     while stack:
         directory = stack.pop()
@@ -265,7 +276,8 @@ def image_folder_source(root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) 
         raise DataError(f"{root} has no class subfolders (expected {root}/<class>/<image>)")
     paths, labels, empty = [], [], []
     for label, class_name in enumerate(classes):
-        class_paths = scan_images(root / class_name)
+        others = [root] + [root / other for other in classes if other != class_name]
+        class_paths = scan_images(root / class_name, skip_dirs=others)
         if not class_paths:
             empty.append(class_name)
         paths += class_paths
@@ -335,3 +347,58 @@ def check_readable(source: ImageSource, probe: int = 64) -> None:
     if len(source) <= probe:
         raise DataError(f"none of the {len(source)} files could be read as an image (first: {reasons[0]})")
     log.warning("the first %d files are all unreadable (first: %s)", probe, reasons[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding a whole source into memory (small images)
+
+
+def _decode_one(args: tuple[ImageSource, int, tuple[int, int]]):
+    source, index, size = args
+    try:
+        image = source.load(index)
+    except UnreadableImage as error:
+        return index, None, str(error)
+    if image.size != size:
+        image = image.resize(size, Image.BICUBIC)
+    return index, np.asarray(image, dtype=np.uint8), None
+
+
+def decode_all(source: ImageSource, size: tuple[int, int], progress: bool = True):
+    """Decode every image of ``source`` into one uint8 array ``(N_ok, H, W, 3)``.
+
+    Images of another size are resized to ``size`` (width, height); unreadable ones are left
+    out. About 0.3 ms an image for 32 px JPEGs (15 s for CIFAR-10's 50,000), done once a run.
+
+    Returns:
+        ``(images, kept_indices, skipped)`` with ``skipped`` a list of ``(name, reason)``.
+    """
+    from tqdm import tqdm
+
+    if isinstance(source, ArraySource) and source.images.ndim == 4 and source.images.shape[1:3] == size[::-1]:
+        return source.images, np.arange(len(source)), []
+    images = np.zeros((len(source), size[1], size[0], 3), dtype=np.uint8)
+    ok = np.zeros(len(source), dtype=bool)
+    skipped = []
+    for index in tqdm(range(len(source)), desc="decoding", unit="img", disable=not progress, leave=False):
+        _, pixels, reason = _decode_one((source, index, size))
+        if pixels is None:
+            skipped.append((source.name(index), reason))
+        else:
+            images[index], ok[index] = pixels, True
+    kept = np.flatnonzero(ok)
+    return (images[kept] if len(kept) < len(source) else images), kept, skipped
+
+
+def common_small_size(source: ImageSource, limit: int = 64, probe: int = 32) -> Optional[tuple[int, int]]:
+    """The shared (width, height) of the first decodable images, if all agree and are <= ``limit``."""
+    sizes = set()
+    for index in range(min(probe, len(source))):
+        try:
+            sizes.add(source.load(index).size)
+        except UnreadableImage:
+            continue
+    if len(sizes) != 1:
+        return None
+    size = sizes.pop()
+    return size if max(size) <= limit else None

@@ -105,3 +105,30 @@ def worker_count(setting, num_samples: Optional[int] = None) -> int:
     if num_samples is not None and num_samples < 4096:
         return 0  # worker start-up costs more than augmenting a few thousand small images
     return max(0, min(8, cores - 1))
+
+
+class TensorBatches:
+    """Batches of two views cut from images held in memory as one uint8 tensor ``(N, H, W, 3)``.
+
+    Yields the same ``{"views", "skipped"}`` records as the data loader of ``TwoViewDataset``,
+    with the views already on the images' device. The batch order comes from the same
+    ``EpochBatchSampler``; the augmentation is seeded per (seed, epoch, step).
+    """
+
+    def __init__(self, images: torch.Tensor, augment, sampler: EpochBatchSampler, seed: int,
+                 skipped: Optional[list] = None):
+        self.images, self.augment, self.sampler, self.seed = images, augment, sampler, seed
+        self.skipped = list(skipped or [])
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        from ssl_pretrain.batch_transforms import batch_views
+
+        for offset, keys in enumerate(self.sampler):
+            step = self.sampler.start_step + offset
+            indices = torch.tensor([index for _, index in keys], device=self.images.device)
+            seed = sample_seed(self.seed, self.sampler.epoch, -2 - step)
+            views = batch_views(self.images[indices], self.augment, seed)
+            yield {"views": views, "skipped": self.skipped if offset == 0 else []}

@@ -74,7 +74,9 @@ class RunFolder:
         logger = logging.getLogger("ssl_pretrain")
         if logger.getEffectiveLevel() > logging.INFO:
             logger.setLevel(logging.INFO)  # the run log always gets INFO lines
-        handler = logging.FileHandler(self.log_file)
+        # File names that are not valid UTF-8 reach us as surrogate escapes; written as \udcXX
+        # rather than raising inside logging (which would drop the very line that names them).
+        handler = logging.FileHandler(self.log_file, encoding="utf-8", errors="backslashreplace")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
         self._log_handler = handler

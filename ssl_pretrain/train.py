@@ -30,8 +30,16 @@ from ssl_pretrain.checkpoint import (
     save_checkpoint,
 )
 from ssl_pretrain.config import Config, ConfigError, config_from_dict
-from ssl_pretrain.data import DataError, check_readable, open_source, random_subset
-from ssl_pretrain.dataset import EpochBatchSampler, TwoViewDataset, collate_views, seed_everything, worker_count
+from ssl_pretrain.batch_transforms import build_batch_augment
+from ssl_pretrain.data import DataError, check_readable, common_small_size, decode_all, open_source, random_subset
+from ssl_pretrain.dataset import (
+    EpochBatchSampler,
+    TensorBatches,
+    TwoViewDataset,
+    collate_views,
+    seed_everything,
+    worker_count,
+)
 from ssl_pretrain.model import SimCLR, build_loss, build_model
 from ssl_pretrain.optim import build_optimizer, build_scheduler, scaled_lr
 from ssl_pretrain.run_folder import RunFolder
@@ -97,7 +105,36 @@ def check_resume_compatible(saved: dict[str, Any], new: dict[str, Any], prefix: 
             )
 
 
-def build_loader(cfg: Config, source, device: torch.device) -> tuple[DataLoader, EpochBatchSampler]:
+def resolve_pipeline(cfg: Config, source) -> Optional[tuple[int, int]]:
+    """The image size for the in-memory tensor pipeline, or None for the PIL pipeline."""
+    if cfg.data.pipeline == "pil":
+        return None
+    size = common_small_size(source)
+    fits = size is not None and len(source) * size[0] * size[1] * 3 < 8 * 2**30
+    if cfg.data.pipeline == "tensor" and not fits:
+        raise ConfigError("data.pipeline=tensor needs images of one size, up to 64 px, that fit in "
+                          "8 GB of memory; use data.pipeline=pil for these images")
+    return size if fits else None
+
+
+def build_loader(cfg: Config, source, device: torch.device, progress: bool = True):
+    """Batches of view pairs: ``TensorBatches`` for small images in memory, else a DataLoader.
+
+    Returns:
+        ``(batches, sampler)``; iterating ``batches`` yields ``{"views", "skipped"}`` records.
+    """
+    size = resolve_pipeline(cfg, source)
+    if size is not None:
+        images, _, skipped = decode_all(source, size, progress=progress)
+        if len(images) < cfg.train.batch_size:
+            raise DataError(f"only {len(images)} readable images, fewer than one batch of {cfg.train.batch_size}")
+        sampler = EpochBatchSampler(len(images), cfg.train.batch_size, cfg.train.seed)
+        augment = build_batch_augment(cfg.augment).to(device)
+        batches = TensorBatches(torch.from_numpy(images).to(device), augment, sampler, cfg.train.seed, skipped)
+        log.info("data: %d images decoded into memory (%dx%d), batch %d, %d steps/epoch, "
+                 "augmented in batches on %s", len(images), size[0], size[1], cfg.train.batch_size,
+                 len(sampler), device)
+        return batches, sampler
     transform = build_view_transform(cfg.augment)
     dataset = TwoViewDataset(source, transform, cfg.train.seed)
     sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.seed)
@@ -282,7 +319,7 @@ def pretrain(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: 
         if len(source) < cfg.train.batch_size:
             raise DataError(f"{cfg.data.source} has {len(source)} images, fewer than one batch of "
                             f"{cfg.train.batch_size}: lower --batch-size")
-        loader, sampler = build_loader(cfg, source, device)
+        loader, sampler = build_loader(cfg, source, device, progress)
 
         seed_everything(cfg.train.seed)
         model = build_model(cfg.model, resolve_small_stem(cfg.model.small_stem, cfg.augment.input_size)).to(device)

@@ -21,11 +21,12 @@ def _epoch_losses(run_dir):
     return [r["loss_mean"] for r in records if "loss_mean" in r]
 
 
-def test_a_few_dozen_steps_lower_the_loss(tmp_path):
-    cfg = tiny_config("train.epochs=8", "data.max_images=512")  # 8 steps an epoch, 64 in all
+@pytest.mark.parametrize("pipeline", ["pil", "tensor"])
+def test_a_few_dozen_steps_lower_the_loss(tmp_path, pipeline):
+    cfg = tiny_config("train.epochs=6", "train.batch_size=32", f"data.pipeline={pipeline}")  # 48 steps
     pretrain(cfg, tmp_path / "run", progress=False)
     losses = _epoch_losses(tmp_path / "run")
-    assert len(losses) == 8 and losses[-1] < losses[0] - 0.3
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.3
 
 
 def test_run_folder_layout_and_exported_backbone_reproduces_features(tmp_path):
@@ -55,21 +56,25 @@ def _assert_same_weights(first, second):
         assert torch.equal(first[key], second[key]), key
 
 
-def test_resume_after_an_epoch_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("pipeline", ["pil", "tensor"])
+def test_resume_after_an_epoch_is_bit_identical(tmp_path, pipeline):
     straight = tmp_path / "straight"
-    pretrain(tiny_config("train.epochs=2", "train.keep_every_epochs=1"), straight, progress=False)
+    pretrain(tiny_config("train.epochs=2", "train.keep_every_epochs=1", f"data.pipeline={pipeline}"), straight,
+             progress=False)
     # A run killed after its first checkpoint holds exactly epoch-0001.pt as last.pt.
     killed = tmp_path / "killed"
     (killed / "checkpoints").mkdir(parents=True)
     shutil.copy(straight / "checkpoints" / "epoch-0001.pt", killed / "checkpoints" / "last.pt")
-    pretrain(tiny_config("train.epochs=2"), killed, resume=True, progress=False)
+    pretrain(tiny_config("train.epochs=2", f"data.pipeline={pipeline}"), killed, resume=True, progress=False)
     _assert_same_weights(_weights(straight), _weights(killed))
     assert len(_epoch_losses(killed)) == 1
 
 
-def test_resume_mid_epoch_is_bit_identical(tmp_path, monkeypatch):
+@pytest.mark.parametrize("pipeline", ["pil", "tensor"])
+def test_resume_mid_epoch_is_bit_identical(tmp_path, monkeypatch, pipeline):
+    settings = ("train.epochs=2", "train.checkpoint_every_steps=2", f"data.pipeline={pipeline}")
     straight = tmp_path / "straight"
-    pretrain(tiny_config("train.epochs=2"), straight, progress=False)
+    pretrain(tiny_config(*settings), straight, progress=False)
     killed = tmp_path / "killed"
     real_write = train_module.write_checkpoint
 
@@ -80,10 +85,10 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "write_checkpoint", write_then_die)
     with pytest.raises(KeyboardInterrupt):
-        pretrain(tiny_config("train.epochs=2", "train.checkpoint_every_steps=2"), killed, progress=False)
+        pretrain(tiny_config(*settings), killed, progress=False)
     monkeypatch.setattr(train_module, "write_checkpoint", real_write)
     assert load_checkpoint(killed / "checkpoints" / "last.pt")["step_in_epoch"] == 2
-    pretrain(tiny_config("train.epochs=2", "train.checkpoint_every_steps=2"), killed, resume=True, progress=False)
+    pretrain(tiny_config(*settings), killed, resume=True, progress=False)
     _assert_same_weights(_weights(straight), _weights(killed))
 
 
@@ -138,3 +143,14 @@ def test_data_errors_before_training(tmp_path):
         pretrain(tiny_config("train.batch_size=512"), tmp_path / "a", progress=False)
     with pytest.raises(ConfigError, match="no data given"):
         pretrain(tiny_config("data.source=null"), tmp_path / "b", progress=False)
+
+
+def test_tensor_pipeline_needs_small_images_of_one_size(tmp_path):
+    from PIL import Image
+
+    for index, size in enumerate([(20, 20), (30, 20), (20, 20)] * 30):
+        Image.new("RGB", size, (index, 0, 0)).save(tmp_path / f"{index:03d}.png")
+    with pytest.raises(ConfigError, match="data.pipeline=tensor needs images of one size"):
+        pretrain(tiny_config("data.pipeline=tensor", source=str(tmp_path)), tmp_path / "run", progress=False)
+    pretrain(tiny_config(source=str(tmp_path)), tmp_path / "auto", progress=False)  # auto falls back to pil
+    assert "loader workers" in (tmp_path / "auto" / "train.log").read_text()

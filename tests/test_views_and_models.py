@@ -100,3 +100,16 @@ def test_lr_scales_with_batch_and_follows_warmup_then_cosine():
     assert rates[9] == pytest.approx(0.06) and rates[-1] < 0.001
     assert all(later <= earlier for earlier, later in zip(rates[9:], rates[10:]))
     assert math.isclose(rates[0], 0.006)
+
+
+def test_batched_views_differ_are_seeded_and_normalised():
+    from ssl_pretrain.batch_transforms import batch_views, build_batch_augment
+
+    augment = build_batch_augment(tiny_config().augment)
+    images = torch.from_numpy(digits_source("train").images[:64]).unsqueeze(-1).expand(-1, -1, -1, 3).contiguous()
+    view_a, view_b = batch_views(images, augment, seed=5)
+    assert view_a.shape == (64, 3, 16, 16) and not torch.equal(view_a, view_b)
+    again_a, _ = batch_views(images, augment, seed=5)
+    other_a, _ = batch_views(images, augment, seed=6)
+    assert torch.equal(view_a, again_a) and not torch.equal(view_a, other_a)
+    assert -3 < view_a.mean() < 3 and view_a.std() > 0.3
