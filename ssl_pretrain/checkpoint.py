@@ -65,9 +65,11 @@ def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
         CheckpointError: the write failed (for example a full disk); ``path`` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temp_name = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(handle, _new_file_mode())
         with os.fdopen(handle, "wb") as file:
             write(file)
             file.flush()
@@ -78,15 +80,37 @@ def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
             os.fsync(directory)
         finally:
             os.close(directory)
-    except OSError as error:
-        _remove_quietly(temp_name)
+    except BaseException as failure:
+        if temp_name is not None:
+            _remove_quietly(temp_name)
+        error = _os_error_behind(failure)
+        if error is None:
+            raise
         hint = " (disk full)" if error.errno == errno.ENOSPC else ""
         raise CheckpointError(
             f"could not write {path}{hint}: {error.strerror or error}; the previous file is intact"
         ) from None
-    except BaseException:
-        _remove_quietly(temp_name)
-        raise
+
+
+def _os_error_behind(failure: BaseException) -> OSError | None:
+    """The ``OSError`` that caused ``failure``, if any. A real full disk reaches us from
+    ``torch.save`` as a ``RuntimeError`` of its zip writer, with the ``OSError`` as its context."""
+    seen: set[int] = set()
+    error: BaseException | None = failure if isinstance(failure, Exception) else None
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _new_file_mode() -> int:
+    """``0o666`` less the umask, what ``open()`` gives a new file; mkstemp's own ``0o600`` would
+    hide checkpoints and exports from the other users of a shared run folder."""
+    umask = os.umask(0o077)  # the strictest mask in the instant before it is put back
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _remove_quietly(name: str) -> None:
@@ -159,7 +183,8 @@ def export_backbone(path: str | Path, backbone: nn.Module, info: BackboneInfo) -
     metadata = {"ssl_pretrain": json.dumps(asdict(info))}
     payload = save(tensors, metadata=metadata)
     atomic_write(path, lambda file: file.write(payload))
-    Path(path).with_suffix(".json").write_text(json.dumps(asdict(info), indent=2) + "\n")
+    description = (json.dumps(asdict(info), indent=2) + "\n").encode()
+    atomic_write(Path(path).with_suffix(".json"), lambda file: file.write(description))
 
 
 def read_backbone_file(path: str | Path) -> tuple[dict[str, torch.Tensor], BackboneInfo]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,10 +61,14 @@ def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode ``path`` into an RGB image, honouring EXIF rotation.
 
     Raises:
-        UnreadableImage: zero bytes, not an image, truncated, or more than ``max_pixels``.
+        UnreadableImage: not a regular file, zero bytes, not an image, truncated, or more than
+            ``max_pixels``.
     """
     try:
-        if os.path.getsize(path) == 0:
+        status = os.stat(path)
+        if not stat.S_ISREG(status.st_mode):  # a FIFO would block the reader, /dev/zero never ends
+            raise UnreadableImage("not a regular file (a FIFO, device or folder)")
+        if status.st_size == 0:
             raise UnreadableImage("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's bomb *warning*; we enforce our own limit

@@ -6,6 +6,7 @@ write into one folder at once (an exclusive lock held for the whole run).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -16,7 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
-from ssl_pretrain.checkpoint import BACKBONE_FILE, LAST_CHECKPOINT
+from ssl_pretrain.checkpoint import BACKBONE_FILE, LAST_CHECKPOINT, atomic_write
 
 log = logging.getLogger("ssl_pretrain")
 
@@ -60,6 +61,16 @@ class RunFolder:
                 if child.name != ".lock":
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
         self._start_log_file()
+        self._remove_stale_temp_files()
+
+    def _remove_stale_temp_files(self) -> None:
+        """A run killed while writing a checkpoint leaves its ``.last.pt.*.tmp`` behind (as big as
+        a checkpoint); holding the lock, we know no one is still writing it."""
+        for folder in (self.path, self.last_checkpoint.parent):
+            for stale in folder.glob(".*.tmp"):
+                if stale.is_file():
+                    stale.unlink()
+                    log.info("removed %s, left by a run stopped while writing it", stale)
 
     def _take_lock(self) -> None:
         self._lock_handle = open(self.path / ".lock", "w")
@@ -82,24 +93,35 @@ class RunFolder:
         self._log_handler = handler
 
     def write_config(self, config: dict[str, Any]) -> None:
-        self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        text = yaml.safe_dump(config, sort_keys=False).encode()
+        atomic_write(self.config_file, lambda file: file.write(text))  # never half a config
 
     def read_config(self) -> Optional[dict[str, Any]]:
         return yaml.safe_load(self.config_file.read_text()) if self.config_file.exists() else None
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.metrics_file, "a") as file:
-            file.write(json.dumps(record) + "\n")
+        try:
+            with open(self.metrics_file, "a") as file:
+                file.write(json.dumps(record) + "\n")
+        except OSError as error:
+            hint = " (disk full)" if error.errno == errno.ENOSPC else ""
+            raise RunFolderError(f"could not write {self.metrics_file}{hint}: {error.strerror or error}; "
+                                 "the last checkpoint is intact") from None
 
     def trim_metrics(self, after_step: int) -> None:
         """On resume, drop records written after the checkpoint, so none is counted twice."""
         if not self.metrics_file.exists():
             return
-        kept = [
-            line for line in self.metrics_file.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= after_step
-        ]
-        self.metrics_file.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in self.metrics_file.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # blank, or the torn last line of a run stopped mid-write (kill, full disk)
+            if record.get("step", 0) <= after_step:
+                kept.append(line)
+        text = "".join(line + "\n" for line in kept).encode()
+        atomic_write(self.metrics_file, lambda file: file.write(text))  # a kill now loses nothing
 
     def close(self) -> None:
         if self._log_handler is not None:

@@ -24,6 +24,7 @@ from ssl_pretrain.backbones import resolve_small_stem
 from ssl_pretrain.checkpoint import (
     BackboneInfo,
     CheckpointError,
+    atomic_write,
     export_backbone,
     load_checkpoint,
     load_state_dict_strict,
@@ -241,6 +242,18 @@ def diverged(loss: float, state: RunState, run: RunFolder, lr: float) -> Diverge
     )
 
 
+def check_finite_state(model: torch.nn.Module, state: RunState, run: RunFolder) -> None:
+    """A finite loss can hide a blown-up model (e.g. BatchNorm running variance at inf under
+    gradient clipping); never checkpoint or export one."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise DivergenceError(
+                f"'{name}' became non-finite in epoch {state.epoch + 1} although the loss stayed finite: "
+                f"training stopped, the last good checkpoint is kept in {run.last_checkpoint.parent}; "
+                "lower optim.lr or raise optim.warmup_epochs"
+            )
+
+
 def run_epoch(cfg: Config, run: RunFolder, step: Step, loader, sampler, state: RunState, progress: bool) -> dict:
     """Train one epoch (from ``state.step_in_epoch`` on); returns the epoch's summary record."""
     sampler.set_epoch(state.epoch, state.step_in_epoch)
@@ -271,11 +284,13 @@ def run_epoch(cfg: Config, run: RunFolder, step: Step, loader, sampler, state: R
         if cfg.train.checkpoint_every_steps and state.global_step % cfg.train.checkpoint_every_steps == 0:
             write_checkpoint(run, cfg, step.model, step.optimizer, step.scheduler, state)
     bar.close()
-    if steps_done == 0:
+    if steps_done == 0 and len(sampler) > 0:
         raise DataError(f"no batch could be formed in epoch {state.epoch + 1}: "
                         f"{len(state.skipped)} unreadable files (see {run.log_file})")
-    seconds = time.perf_counter() - started
-    return {"step": state.global_step, "epoch": state.epoch + 1, "loss_mean": loss_sum / steps_done,
+    # len(sampler) == 0: killed after the epoch's last step checkpoint, before the epoch's own.
+    seconds = max(time.perf_counter() - started, 1e-9)
+    return {"step": state.global_step, "epoch": state.epoch + 1,
+            "loss_mean": loss_sum / steps_done if steps_done else None,
             "seconds": round(seconds, 3), "images_per_s": images_seen / seconds,
             "skipped_files": len(state.skipped)}
 
@@ -328,8 +343,10 @@ def pretrain(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: 
         state = RunState()
         if resume and run.last_checkpoint.exists():
             state = restore(run, cfg, model, optimizer, scheduler)
-        elif resume:
-            log.info("no checkpoint in %s yet: starting fresh", run.path)
+        else:
+            run.trim_metrics(after_step=0)  # records of an attempt killed before its first checkpoint
+            if resume:
+                log.info("no checkpoint in %s yet: starting fresh", run.path)
         run.write_config(cfg.to_dict())
         log.info("run %s on %s: %s, %d epochs, peak lr %.4g", run.path, device, cfg.model.backbone,
                  cfg.train.epochs, scaled_lr(cfg.optim, cfg.train.batch_size))
@@ -345,24 +362,25 @@ def train_epochs(cfg: Config, run: RunFolder, step: Step, loader, sampler, state
     run_started, start_epoch = time.perf_counter(), state.epoch
     while state.epoch < cfg.train.epochs:
         record = run_epoch(cfg, run, step, loader, sampler, state, progress)
+        check_finite_state(step.model, state, run)
         state.epoch, state.step_in_epoch = state.epoch + 1, 0
         if monitor and state.epoch % cfg.monitor.every_epochs == 0:
             record["knn_top1"] = monitor(getattr(step.model, "_orig_mod", step.model).backbone)
         write_checkpoint(run, cfg, step.model, step.optimizer, step.scheduler, state)
         if cfg.train.keep_every_epochs and state.epoch % cfg.train.keep_every_epochs == 0:
-            import shutil
-
-            shutil.copyfile(run.last_checkpoint, run.last_checkpoint.with_name(f"epoch-{state.epoch:04d}.pt"))
+            payload = run.last_checkpoint.read_bytes()
+            atomic_write(run.last_checkpoint.with_name(f"epoch-{state.epoch:04d}.pt"), lambda f: f.write(payload))
         run.append_metrics(record)
         if writer:
             for key in ("loss_mean", "images_per_s", "knn_top1"):
-                if key in record:
+                if record.get(key) is not None:
                     writer.add_scalar(f"pretrain/{key}", record[key], state.epoch)
         elapsed = time.perf_counter() - run_started
         eta = elapsed / (state.epoch - start_epoch) * (cfg.train.epochs - state.epoch)
         knn = f", kNN top-1 {record['knn_top1']:.2%}" if "knn_top1" in record else ""
-        log.info("epoch %d/%d: loss %.4f, %.0f images/s, %d skipped files%s, ETA %.0f s", state.epoch,
-                 cfg.train.epochs, record["loss_mean"], record["images_per_s"], record["skipped_files"], knn, eta)
+        loss = "n/a" if record["loss_mean"] is None else f"{record['loss_mean']:.4f}"
+        log.info("epoch %d/%d: loss %s, %.0f images/s, %d skipped files%s, ETA %.0f s", state.epoch,
+                 cfg.train.epochs, loss, record["images_per_s"], record["skipped_files"], knn, eta)
     if writer:
         writer.close()
 

@@ -1,0 +1,122 @@
+"""Pretraining throughput, side by side in one run: bare step vs our pipeline vs a lightly-style loop.
+
+    python scripts/bench_throughput.py --data /tmp/cifar10/train --config configs/cifar10_cpu.yaml
+
+* bare:    forward + backward + step of the same model and batch on ready tensors (the ceiling);
+* ours:    the full pipeline of ``ssl-pretrain`` (read, decode, two views, step), as configured;
+* lightly: a loop written the way lightly's SimCLR example is (per-image ``SimCLRTransform`` in a
+           torchvision-style folder dataset, DataLoader workers, same backbone, batch and recipe).
+
+Images/s counts images (each image gives two views). Prints a Markdown table with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from datetime import date
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ssl_pretrain.backbones import resolve_small_stem
+from ssl_pretrain.config import load_config
+from ssl_pretrain.data import open_source, random_subset
+from ssl_pretrain.model import build_model
+from ssl_pretrain.optim import build_optimizer, build_scheduler
+from ssl_pretrain.train import build_loader, make_step, resolve_device, train_step
+from ssl_pretrain.transforms import build_view_transform
+
+
+def timed_steps(batches, step, warmup: int, steps: int, batch_size: int) -> float:
+    """Images/s over ``steps`` steps after ``warmup`` untimed ones."""
+    iterator = iter(batches)
+    for _ in range(warmup):
+        train_step(step, next(iterator)["views"])
+    started = time.perf_counter()
+    for _ in range(steps):
+        train_step(step, next(iterator)["views"])
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def fresh_step(cfg, device):
+    torch.manual_seed(0)
+    model = build_model(cfg.model, resolve_small_stem(cfg.model.small_stem, cfg.augment.input_size)).to(device)
+    optimizer = build_optimizer(model, cfg.optim, cfg.train.batch_size)
+    scheduler = build_scheduler(optimizer, cfg.optim, 1000, 10)
+    return make_step(cfg, model, optimizer, scheduler, device)
+
+
+def endless(make_iterable):
+    while True:
+        yield from make_iterable()
+
+
+class _LightlyStyleFolder(Dataset):
+    """What lightly's examples do: a folder dataset whose transform returns the two views."""
+
+    def __init__(self, source, transform):
+        self.source, self.transform = source, transform
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        return self.transform(self.source.load(index))
+
+
+def lightly_style_batches(source, cfg, workers: int):
+    loader = DataLoader(_LightlyStyleFolder(source, build_view_transform(cfg.augment)),
+                        batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
+                        num_workers=workers, persistent_workers=workers > 0)
+    return ({"views": (views[0], views[1])} for views in endless(lambda: loader))
+
+
+def bare_batches(cfg, device):
+    size = cfg.augment.input_size
+    views = (torch.randn(cfg.train.batch_size, 3, size, size, device=device),
+             torch.randn(cfg.train.batch_size, 3, size, size, device=device))
+    while True:
+        yield {"views": views}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="image folder (e.g. CIFAR-10 train)")
+    parser.add_argument("--config", default="configs/cifar10_cpu.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per contender")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--images", type=int, default=20000, help="subset of the folder to use")
+    parser.add_argument("--lightly-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    args = parser.parse_args(argv)
+
+    cfg = load_config(args.config, [f"data.source={args.data}", *args.overrides])
+    device = resolve_device(cfg.train.device)
+    source = random_subset(open_source(args.data), args.images)
+    batch = cfg.train.batch_size
+    started = time.perf_counter()
+    ours_batches, _ = build_loader(cfg, source, device, progress=False)
+    setup_seconds = time.perf_counter() - started
+    results = {
+        "bare": timed_steps(bare_batches(cfg, device), fresh_step(cfg, device), args.warmup, args.steps, batch),
+        "ours": timed_steps(endless(lambda: ours_batches), fresh_step(cfg, device), args.warmup, args.steps, batch),
+        "lightly-style": timed_steps(lightly_style_batches(source, cfg, args.lightly_workers),
+                                     fresh_step(cfg, device), args.warmup, args.steps, batch),
+    }
+    print(f"\n{date.today()} | {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, device {device} | {cfg.model.backbone} {cfg.augment.input_size}px "
+          f"batch {batch} | `python {' '.join(sys.argv)}`\n")
+    print("| loop | images/s | vs bare | ours vs it |\n| --- | ---: | ---: | ---: |")
+    for name, rate in results.items():
+        print(f"| {name} | {rate:.1f} | {rate / results['bare']:.2f} | {results['ours'] / rate:.2f} |")
+    print(f"\nours: {setup_seconds:.1f} s to set up the pipeline for {len(source)} images "
+          f"(decoding them once when data.pipeline resolves to tensor), not in the rates above.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
