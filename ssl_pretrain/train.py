@@ -71,13 +71,23 @@ class RunState:
 
 
 def resolve_device(setting: str) -> torch.device:
-    if setting != "auto":
-        return torch.device(setting)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """``auto`` -> CUDA, then MPS, then CPU; anything else must be a usable torch device.
+
+    Raises:
+        ConfigError: not a device name, or a GPU this torch cannot see (one line).
+    """
+    if setting == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        device = torch.device(setting)
+    except RuntimeError:
+        raise ConfigError(f"'{setting}' is not a torch device (try auto, cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{setting}' asked for, but this torch sees no CUDA GPU")
+    return device
 
 
 def backbone_info(cfg: Config, feature_dim: int, epoch: int = 0) -> BackboneInfo:

@@ -54,6 +54,8 @@ def test_end_to_end_on_a_messy_folder(messy_folder, tmp_path, capsys):
         (["--data", "builtin:digits", "--config", "{tmp}/missing.yaml"], "config file not found"),
         (["--data", "builtin:digits", "--set", "model.backbone=resnet19", "--epochs", "1"], "bad value for 'model.backbone': Value error, unknown backbone; available:"),
         (["--epochs", "1"], "no data given"),
+        (["--data", "builtin:digits", "--device", "cuda:7"], "sees no CUDA GPU"),
+        (["--data", "builtin:digits", "--device", "gpu-please"], "is not a torch device"),
     ],
 )
 def test_errors_are_one_line_and_exit_2(args, message, tmp_path, capsys):

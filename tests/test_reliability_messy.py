@@ -174,8 +174,6 @@ def test_evaluation_uses_every_good_image_and_names_every_bad_one(tmp_path, rand
         restore_permissions(folder.root)
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeEncodeError,
-                   reason="linear_probe.embeddings.fingerprint_source encodes file names as strict UTF-8")
 def test_evaluation_survives_file_names_that_are_not_utf8(tmp_path, random_run):
     folder = make_messy_folder(tmp_path / "images")
     try:

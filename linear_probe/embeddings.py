@@ -1,0 +1,290 @@
+"""Images -> features of a frozen backbone, saved as ``.npz`` and reused while nothing changed.
+
+Extraction follows DINO's ``extract_features``: deterministic eval transform, ``eval()`` mode, no
+gradients, batches in order. Files are written without pickle (names as a unicode array) and read
+with ``allow_pickle=False``, so loading one runs no code. A cached file is named after a
+fingerprint of the weights, the data and the transform: change any of them and it is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from linear_probe.errors import EvaluationError
+from ssl_pretrain.checkpoint import atomic_write
+from ssl_pretrain.data import UnreadableImage
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+"""Bump when the meaning of a cached file changes, so old caches are not reused."""
+
+
+@dataclass
+class Embeddings:
+    """Features of some images of a source, one row per readable image.
+
+    Attributes:
+        features: ``(N, D)`` float32 backbone outputs.
+        labels: ``(N,)`` int64 classes, or None for an unlabelled source.
+        names: ``N`` image names (relative paths for folders).
+        skipped: ``(name, reason)`` of every image that could not be read.
+        indices: ``(N,)`` position of each row in its source (default ``0..N-1``).
+        classes: class names, when known.
+    """
+
+    features: np.ndarray
+    labels: np.ndarray | None
+    names: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    indices: np.ndarray | None = None
+    classes: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.features = np.ascontiguousarray(self.features, dtype=np.float32)
+        if self.features.ndim != 2:
+            raise EvaluationError(f"features must be a 2-D array (images x dims), got shape {self.features.shape}")
+        count = len(self.features)
+        if self.indices is None:
+            self.indices = np.arange(count, dtype=np.int64)
+        self.indices = np.asarray(self.indices, dtype=np.int64)
+        if self.labels is not None:
+            self.labels = np.asarray(self.labels).astype(np.int64)
+        lengths = {"features": count, "names": len(self.names), "indices": len(self.indices)}
+        if self.labels is not None:
+            lengths["labels"] = len(self.labels)
+        if len(set(lengths.values())) > 1:
+            raise EvaluationError(
+                "mismatched lengths: " + ", ".join(f"{len_} {key}" for key, len_ in lengths.items())
+            )
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def take(self, source_indices: np.ndarray) -> "Embeddings":
+        """The rows of the given source positions, in that order; unreadable images drop out."""
+        wanted = np.asarray(source_indices, dtype=np.int64)
+        if len(self) == 0:
+            return Embeddings(self.features[:0], None if self.labels is None else self.labels[:0], [],
+                              indices=self.indices[:0], classes=self.classes)
+        order = np.argsort(self.indices, kind="stable")  # already sorted when extracted here
+        positions = np.searchsorted(self.indices[order], wanted).clip(max=len(self) - 1)
+        present = self.indices[order][positions] == wanted
+        rows = order[positions[present]]
+        return Embeddings(
+            self.features[rows], None if self.labels is None else self.labels[rows],
+            [self.names[row] for row in rows], [], self.indices[rows], self.classes,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction
+
+
+class _TransformedImages(Dataset):
+    """``index -> (index, image tensor)``, or ``(index, reason)`` for an unreadable file."""
+
+    def __init__(self, source, transform):
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, self.transform(self.source.load(index))
+        except UnreadableImage as error:
+            return index, str(error)
+
+
+def _collate(samples):
+    good = [(index, image) for index, image in samples if isinstance(image, torch.Tensor)]
+    bad = [(index, reason) for index, reason in samples if not isinstance(reason, torch.Tensor)]
+    images = torch.stack([image for _, image in good]) if good else None
+    return [index for index, _ in good], images, bad
+
+
+def extract_embeddings(backbone: nn.Module, source, transform, batch_size: int = 256, device="cpu",
+                       num_workers: int = 0, progress: bool = True) -> Embeddings:
+    """Features of every readable image of ``source``, in order, without gradients.
+
+    The backbone runs in ``eval()`` mode (BatchNorm uses its running statistics); the mode of each
+    submodule is restored afterwards, so a training loop can call this between steps. The
+    backbone is not moved: it must already be on ``device``.
+
+    Args:
+        backbone: maps ``(B, 3, H, W)`` images to ``(B, D)`` features.
+        source: ``len``, ``load(i)`` -> RGB PIL image, ``name(i)``, optional ``labels``.
+        transform: PIL image -> ``(3, H, W)`` tensor (``build_eval_transform``).
+
+    Returns:
+        ``Embeddings``; unreadable images are listed in ``skipped`` (and counted in the log).
+    """
+    loader = DataLoader(_TransformedImages(source, transform), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=_collate,
+                        pin_memory=torch.device(device).type == "cuda")
+    modes = {module: module.training for module in backbone.modules()}
+    backbone.eval()
+    indices, features, skipped = [], [], []
+    try:
+        with torch.inference_mode():
+            for batch_indices, images, bad in tqdm(loader, desc="embeddings", unit="batch",
+                                                   disable=not progress, leave=False):
+                skipped += [(source.name(index), reason) for index, reason in bad]
+                if images is not None:
+                    features.append(backbone(images.to(device)).float().cpu().numpy())
+                    indices += batch_indices
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    return _assemble(source, indices, features, skipped)
+
+
+def _assemble(source, indices: list[int], features: list[np.ndarray], skipped) -> Embeddings:
+    if skipped:
+        log.warning("%d of %d images could not be read and were skipped (first: %s: %s)",
+                    len(skipped), len(source), *skipped[0])
+    if not indices:
+        raise EvaluationError(f"none of the {len(source)} images could be read")
+    indices_array = np.asarray(indices, dtype=np.int64)
+    labels = getattr(source, "labels", None)
+    return Embeddings(
+        features=np.concatenate(features),
+        labels=None if labels is None else np.asarray(labels)[indices_array],
+        names=[source.name(index) for index in indices],
+        skipped=skipped,
+        indices=indices_array,
+        classes=list(getattr(source, "classes", [])),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def save_embeddings(path: str | Path, embeddings: Embeddings) -> None:
+    """Write ``.npz`` atomically: arrays only (names as unicode), readable without pickle."""
+    arrays = {
+        "features": embeddings.features,
+        "names": np.asarray(embeddings.names, dtype=str),
+        "indices": embeddings.indices,
+        "skipped_names": np.asarray([name for name, _ in embeddings.skipped], dtype=str),
+        "skipped_reasons": np.asarray([reason for _, reason in embeddings.skipped], dtype=str),
+        "classes": np.asarray(embeddings.classes, dtype=str),
+    }
+    if embeddings.labels is not None:
+        arrays["labels"] = embeddings.labels
+    atomic_write(path, lambda file: np.savez(file, **arrays))
+
+
+def load_embeddings(path: str | Path) -> Embeddings:
+    """Read ``.npz`` embeddings: ``features`` (or ``embeddings``), and optionally ``labels``,
+    ``names``, ``indices``, ``classes``; a plain ``.npy`` holds features only.
+
+    Raises:
+        EvaluationError: missing or unreadable file, no features, or arrays of different lengths.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"embeddings file not found: {path}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            arrays = {"features": loaded}
+        else:
+            with loaded:
+                arrays = dict(loaded.items())
+    except (ValueError, OSError, EOFError) as error:
+        raise EvaluationError(f"{path} is not a readable .npy/.npz file: {str(error).splitlines()[0]}") from None
+    features = arrays.get("features", arrays.get("embeddings"))
+    if features is None:
+        raise EvaluationError(f"{path} has no 'features' array (found: {', '.join(arrays) or 'nothing'})")
+    names = arrays.get("names")
+    try:
+        return Embeddings(
+            features=features,
+            labels=arrays.get("labels"),
+            names=[str(name) for name in names] if names is not None else [str(i) for i in range(len(features))],
+            skipped=[(str(name), str(reason)) for name, reason in
+                     zip(arrays.get("skipped_names", []), arrays.get("skipped_reasons", []))],
+            indices=arrays.get("indices"),
+            classes=[str(name) for name in arrays.get("classes", [])],
+        )
+    except EvaluationError as error:
+        raise EvaluationError(f"{path}: {error}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints and the cache
+
+
+def fingerprint_module(module: nn.Module) -> str:
+    """SHA-256 of a module's class and every tensor of its state (weights and BatchNorm stats)."""
+    digest = hashlib.sha256(type(module).__qualname__.encode())
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint_source(source) -> str:
+    """SHA-256 of what a source would yield: file names, sizes and modification times for files
+    on disk (cheap: no image is read), the pixels themselves for in-memory arrays; plus labels.
+
+    Names are hashed as the bytes the file system holds (``os.fsencode``), so a file name that
+    is not valid UTF-8 is fingerprinted, not an error.
+    """
+    digest = hashlib.sha256(type(source).__name__.encode())
+    if hasattr(source, "paths"):
+        for index, path in enumerate(source.paths):
+            try:
+                stat = os.stat(path)
+                details = f"\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+            except OSError:
+                details = "\0missing\n"
+            digest.update(os.fsencode(source.name(index)) + details.encode())
+    elif hasattr(source, "images"):
+        digest.update(np.ascontiguousarray(source.images).tobytes())
+    else:
+        digest.update(b"\n".join(os.fsencode(source.name(index)) for index in range(len(source))))
+    labels = getattr(source, "labels", None)
+    if labels is not None:
+        digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    digest.update(json.dumps(list(getattr(source, "classes", []))).encode())
+    return digest.hexdigest()
+
+
+def cached_embeddings(cache_dir: str | Path, tag: str, model_fingerprint: str, data_fingerprint: str,
+                      backbone: nn.Module, source, transform, **extract_options) -> Embeddings:
+    """``extract_embeddings`` through a cache in ``cache_dir``: the file name carries a key of the
+    weights, the data and the transform, so any change to them means a new extraction.
+
+    Args:
+        tag: readable prefix of the file name (``ssl-train``).
+        model_fingerprint, data_fingerprint: from ``fingerprint_module`` / ``fingerprint_source``.
+        extract_options: passed to ``extract_embeddings`` (batch size, device, workers, progress).
+    """
+    key_text = json.dumps([CACHE_FORMAT, model_fingerprint, data_fingerprint, repr(transform)])
+    path = Path(cache_dir) / f"{tag}-{hashlib.sha256(key_text.encode()).hexdigest()[:16]}.npz"
+    if path.is_file():
+        try:
+            embeddings = load_embeddings(path)
+            log.info("reusing cached embeddings %s", path)
+            return embeddings
+        except EvaluationError as error:
+            log.warning("ignoring a broken cache file (%s); extracting again", error)
+    embeddings = extract_embeddings(backbone, source, transform, **extract_options)
+    save_embeddings(path, embeddings)
+    return embeddings

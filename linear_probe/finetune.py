@@ -1,0 +1,80 @@
+"""Few-label fine-tuning: backbone + linear head trained end to end on a labelled subset.
+
+The same function gives the "scratch" baseline when handed a randomly initialised backbone: same
+architecture, same labels, same augmentation, same epoch budget and early stopping. Pretraining
+has paid off when the fine-tuned pretrained network beats that one.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import nn
+
+from linear_probe.embeddings import extract_embeddings
+from linear_probe.images import build_train_loader, build_train_transform
+from linear_probe.scoring import ProbeResult, score_test, topk_accuracy
+from linear_probe.training import train_with_early_stopping
+from ssl_pretrain.transforms import build_eval_transform
+
+log = logging.getLogger(__name__)
+
+PATIENCE = 10
+"""Epochs without a better validation score before fine-tuning stops."""
+WEIGHT_DECAY = 5e-4
+"""SGD weight decay of supervised CIFAR training (and of lightly's CIFAR benchmarks)."""
+
+
+def build_classifier(backbone: nn.Module, feature_dim: int, num_classes: int) -> nn.Sequential:
+    """A trainable copy of ``backbone`` + ``nn.Linear``: ``(B, 3, H, W)`` -> ``(B, C)`` logits.
+
+    The copy leaves the caller's backbone untouched, so every seed starts from the same weights.
+    """
+    return nn.Sequential(copy.deepcopy(backbone).requires_grad_(True), nn.Linear(feature_dim, num_classes))
+
+
+def _logits(model: nn.Module, images, transform, batch_size: int, device, num_workers: int):
+    """``(Q, C)`` logits and ``(Q,)`` labels of the readable images, in eval mode."""
+    outputs = extract_embeddings(model, images, transform, batch_size=batch_size, device=device,
+                                 num_workers=num_workers, progress=False)
+    return outputs.features, outputs.labels
+
+
+def evaluate_finetune(backbone: nn.Module, feature_dim: int, train_images, val_images, test_images,
+                      num_classes: int, input_size: int, mean, std, epochs: int = 30, lr: float = 0.05,
+                      batch_size: int = 64, patience: int | None = PATIENCE, seed: int = 0,
+                      device: str = "cpu", num_workers: int = 0, hflip: bool = True) -> ProbeResult:
+    """Fine-tune ``backbone`` with a new head on ``train_images``; score the best-validation
+    epoch once on ``test_images``.
+
+    Args:
+        backbone: pretrained (or randomly initialised, for the scratch baseline); copied, not changed.
+        feature_dim: width of the backbone's output.
+        train_images, val_images, test_images: labelled sources (``SubsetSource``).
+        input_size, mean, std: the checkpoint's, for both the augmentation and the eval transform.
+        epochs: the budget; ``lr``: SGD learning rate, cosine-decayed over the budget.
+        hflip: flip training images at random (off for digits and text).
+
+    Returns:
+        ``ProbeResult`` with ``chosen["best_epoch"]``.
+    """
+    torch.manual_seed(seed)
+    model = build_classifier(backbone, feature_dim, num_classes).to(device)
+    eval_transform = build_eval_transform(input_size, mean, std)
+    loader = build_train_loader(train_images, build_train_transform(input_size, mean, std, hflip), batch_size, seed, num_workers)
+
+    def score_val() -> float:
+        logits, labels = _logits(model, val_images, eval_transform, batch_size, device, num_workers)
+        return topk_accuracy(logits, labels, 1)
+
+    history = train_with_early_stopping(
+        model, model.parameters(), lambda epoch: loader, score_val, epochs=epochs, lr=lr,
+        weight_decay=WEIGHT_DECAY, patience=patience, device=device,
+    )
+    log.info("fine-tuning: best validation top-1 %.1f%% at epoch %d of %d run",
+             100 * history.best_val_top1, history.best_epoch, len(history.val_top1))
+    logits, labels = _logits(model, test_images, eval_transform, batch_size, device, num_workers)
+    chosen = {"best_epoch": history.best_epoch, "epochs_run": len(history.val_top1), "lr": lr}
+    return score_test(logits, labels, chosen, history.best_val_top1)

@@ -1,0 +1,138 @@
+"""Linear probe: a linear layer trained on frozen features, epochs chosen on validation.
+
+The default trains on the cached embeddings (fast: no image is decoded again). With augmentation
+(``evaluate_linear_augmented``) the images pass through the frozen backbone every epoch, as in
+MoCo v3's ``main_lincls.py``; the backbone stays in ``eval()`` mode without gradients, so its
+weights and BatchNorm running statistics are bit-identical afterwards (their ``sanity_check``,
+here a test).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+
+from linear_probe.images import build_train_loader, build_train_transform
+from linear_probe.scoring import ProbeResult, score_test, topk_accuracy
+from linear_probe.training import train_with_early_stopping
+
+PATIENCE = 20
+"""Epochs without a better validation score before a linear probe stops."""
+
+
+class Standardise(nn.Module):
+    """``(x - mean) / std`` with statistics fixed from the training features; MAE's linear probe
+    puts a BatchNorm without affine there for the same reason: one learning rate then suits
+    features of any scale."""
+
+    def __init__(self, features: np.ndarray):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(features.mean(axis=0), dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(features.std(axis=0) + 1e-6, dtype=torch.float32))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return (features - self.mean) / self.std
+
+
+class FrozenBackbone(nn.Module):
+    """A backbone that stays in ``eval()`` mode and passes no gradient, whatever ``train()`` says."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone.eval()
+
+    def train(self, mode: bool = True) -> "FrozenBackbone":
+        super().train(mode)
+        self.backbone.eval()  # BatchNorm must not update its running statistics
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.backbone(images)
+
+
+def build_linear_head(train_features: np.ndarray, num_classes: int) -> nn.Sequential:
+    """``Standardise`` + ``nn.Linear(D, num_classes)``: ``(B, D)`` features -> ``(B, C)`` logits."""
+    return nn.Sequential(Standardise(train_features), nn.Linear(train_features.shape[1], num_classes))
+
+
+def _feature_batches(features: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
+    features, labels = torch.as_tensor(features), torch.as_tensor(labels)
+
+    def batches(epoch: int):
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        return [(features[part], labels[part]) for part in order.split(batch_size)]
+
+    return batches
+
+
+@torch.no_grad()
+def _head_scores(head: nn.Module, features: np.ndarray, device) -> np.ndarray:
+    head.eval()
+    return head(torch.as_tensor(features).to(device)).softmax(dim=1).cpu().numpy()
+
+
+@contextmanager
+def _torch_threads(count: int | None):
+    """Run with ``count`` intra-op threads (None: unchanged), restoring the setting afterwards."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train_and_score(model, head, batches, val, test, epochs, lr, weight_decay, patience, device) -> ProbeResult:
+    """Train ``head`` (inside ``model``), score the best-validation epoch once on test."""
+    (val_features, val_labels), (test_features, test_labels) = val, test
+    history = train_with_early_stopping(
+        model, head.parameters(), batches,
+        score_val=lambda: topk_accuracy(_head_scores(head, val_features, device), val_labels, 1),
+        epochs=epochs, lr=lr, weight_decay=weight_decay, patience=patience, device=device,
+    )
+    chosen = {"best_epoch": history.best_epoch, "epochs_run": len(history.val_top1), "lr": lr}
+    return score_test(_head_scores(head, test_features, device), test_labels, chosen, history.best_val_top1)
+
+
+def evaluate_linear(train_features: np.ndarray, train_labels: np.ndarray, val_features: np.ndarray,
+                    val_labels: np.ndarray, test_features: np.ndarray, test_labels: np.ndarray,
+                    num_classes: int, epochs: int = 100, lr: float = 0.1, batch_size: int = 256,
+                    weight_decay: float = 0.0, patience: int | None = PATIENCE, seed: int = 0,
+                    device: str = "cpu") -> ProbeResult:
+    """Linear probe on cached features: ``(N, D)`` train, ``(V, D)`` val, ``(Q, D)`` test.
+
+    Weight decay 0 as in MoCo v3's linear probe; early stopping and the best-validation epoch
+    do the regularising. Returns a ``ProbeResult`` with ``chosen["best_epoch"]``.
+    """
+    torch.manual_seed(seed)
+    head = build_linear_head(train_features, num_classes).to(device)
+    batches = _feature_batches(train_features, train_labels, batch_size, seed)
+    # A linear layer on a batch of features is too small a product to share between CPU threads:
+    # one thread is faster, and 50x faster on a busy machine.
+    with _torch_threads(1 if torch.device(device).type == "cpu" else None):
+        return _train_and_score(head, head, batches, (val_features, val_labels), (test_features, test_labels),
+                                epochs, lr, weight_decay, patience, device)
+
+
+def evaluate_linear_augmented(backbone: nn.Module, train_images, train_features: np.ndarray,
+                              val_features: np.ndarray, val_labels: np.ndarray,
+                              test_features: np.ndarray, test_labels: np.ndarray, num_classes: int,
+                              input_size: int, mean, std, epochs: int = 100, lr: float = 0.1,
+                              batch_size: int = 64, patience: int | None = PATIENCE, seed: int = 0,
+                              device: str = "cpu", num_workers: int = 0, hflip: bool = True) -> ProbeResult:
+    """Linear probe trained on augmented images through the frozen ``backbone`` (on ``device``).
+
+    Validation and test use the cached embeddings, which the frozen eval-mode backbone reproduces
+    exactly. ``train_features`` (the labelled subset's embeddings) fix the standardisation.
+    """
+    torch.manual_seed(seed)
+    head = build_linear_head(train_features, num_classes).to(device)
+    model = nn.Sequential(FrozenBackbone(backbone), head)
+    loader = build_train_loader(train_images, build_train_transform(input_size, mean, std, hflip), batch_size, seed, num_workers)
+    return _train_and_score(model, head, lambda epoch: loader, (val_features, val_labels),
+                            (test_features, test_labels), epochs, lr, 0.0, patience, device)

@@ -1,0 +1,157 @@
+"""Which labelled images each method may see: a validation split and class-balanced label subsets.
+
+Both are drawn per class from a seeded permutation, so they are stable for a seed, identical on
+every machine, and nested: the 1% subset of a seed is inside its 10% subset. scikit-learn's
+``train_test_split(stratify=...)`` is not used because it refuses classes with a single image,
+which a real folder can have; here such a class simply stays in the training part.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from linear_probe.errors import EvaluationError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LabelBudget:
+    """How many labels a method gets: a fraction of each class, or a number per class.
+
+    Exactly one of ``fraction`` and ``per_class`` is set.
+    """
+
+    fraction: float | None = None
+    per_class: int | None = None
+
+    @property
+    def label(self) -> str:
+        """Short name for tables: ``1%``, ``100%``, ``5/class``."""
+        if self.per_class is not None:
+            return f"{self.per_class}/class"
+        return f"{self.fraction * 100:g}%"
+
+
+def parse_label_budgets(text: str) -> tuple[LabelBudget, ...]:
+    """``'0.01,0.1,1.0,5pc'`` -> budgets; ``Npc`` means N labelled images per class.
+
+    Raises:
+        EvaluationError: a value that is neither a fraction in (0, 1] nor ``Npc`` with N >= 1.
+    """
+    budgets = []
+    for part in (item.strip() for item in text.split(",")):
+        per_class = re.fullmatch(r"(\d+)\s*(pc|/class|perclass)", part)
+        if per_class and int(per_class.group(1)) >= 1:
+            budgets.append(LabelBudget(per_class=int(per_class.group(1))))
+            continue
+        try:
+            fraction = float(part)
+        except ValueError:
+            fraction = -1.0
+        if not 0.0 < fraction <= 1.0:
+            raise EvaluationError(
+                f"label budget '{part}' is neither a fraction in (0, 1] nor N per class like '5pc'"
+            )
+        budgets.append(LabelBudget(fraction=fraction))
+    if not budgets:
+        raise EvaluationError("no label budgets given")
+    return tuple(dict.fromkeys(budgets))  # drop repeats, keep order
+
+
+def _class_permutation(labels: np.ndarray, class_id: int, seed: int) -> np.ndarray:
+    """The positions of one class, shuffled by a generator keyed on (seed, class) only, so one
+    class's draw does not change when another class gains or loses images."""
+    positions = np.flatnonzero(labels == class_id)
+    return np.random.default_rng([seed, int(class_id)]).permutation(positions)
+
+
+def sample_label_subset(labels: np.ndarray, budget: LabelBudget, seed: int) -> np.ndarray:
+    """Class-balanced, seeded subset of positions in ``labels`` with at least one image per class.
+
+    A fraction keeps ``max(1, round(fraction * n_c))`` images of a class with ``n_c`` images (the
+    class proportions of the data, as in SimCLR's 1% / 10% ImageNet subsets); ``per_class`` keeps
+    ``min(per_class, n_c)``.
+
+    Args:
+        labels: ``(N,)`` integer class of every image that may be labelled.
+
+    Returns:
+        Sorted positions into ``labels``, shape ``(n_selected,)``.
+    """
+    chosen = []
+    for class_id in np.unique(labels):
+        positions = _class_permutation(labels, class_id, seed)
+        if budget.per_class is not None:
+            count = min(budget.per_class, len(positions))
+        else:
+            count = max(1, int(round(budget.fraction * len(positions))))
+        chosen.append(positions[:count])
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int, what: str = "validation"):
+    """Split positions into ``(kept, held_out)`` with ``fraction`` of every class held out.
+
+    Each class with at least two images gives ``max(1, round(fraction * n_c))`` images to the
+    held-out part but always keeps one; a class with a single image stays whole in ``kept``
+    (logged), since holding it out would leave nothing to learn it from.
+
+    Args:
+        labels: ``(N,)`` integer classes.
+        fraction: share of each class to hold out, in (0, 1).
+
+    Returns:
+        Two sorted position arrays into ``labels``.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise EvaluationError(f"the {what} fraction must be between 0 and 1, got {fraction}")
+    kept, held_out, singletons = [], [], []
+    for class_id in np.unique(labels):
+        positions = _class_permutation(labels, class_id, seed)
+        if len(positions) < 2:
+            singletons.append(int(class_id))
+            kept.append(positions)
+            continue
+        count = min(len(positions) - 1, max(1, int(round(fraction * len(positions)))))
+        held_out.append(positions[:count])
+        kept.append(positions[count:])
+    if singletons:
+        log.warning(
+            "%d class(es) with a single image kept out of the %s split: %s",
+            len(singletons), what, ", ".join(map(str, singletons[:10])),
+        )
+    return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held_out or [np.zeros(0, np.int64)]))
+
+
+class SubsetSource:
+    """Some images of a labelled source, usable wherever a source is (``len``, ``load``,
+    ``name``, ``labels``, ``classes``): fine-tuning and plots read images through it.
+
+    Args:
+        source: a labelled ``ssl_pretrain.data`` source.
+        indices: ``(n,)`` positions of the chosen images in ``source``.
+    """
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source = source
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.labels = None if source.labels is None else np.asarray(source.labels)[self.indices]
+        self.classes = list(getattr(source, "classes", []))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int):
+        return self.source.load(int(self.indices[index]))
+
+    def name(self, index: int) -> str:
+        return self.source.name(int(self.indices[index]))
+
+    def subset(self, positions: np.ndarray) -> "SubsetSource":
+        """The images at ``positions`` of this subset, as a subset of the same source."""
+        return SubsetSource(self.source, self.indices[np.asarray(positions, dtype=np.int64)])

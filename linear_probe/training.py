@@ -1,0 +1,85 @@
+"""The one training loop of the supervised methods (linear probe, fine-tuning, scratch baseline).
+
+SGD with momentum and a cosine schedule; after every epoch the model is scored on validation, the
+best epoch's weights are kept, and training stops when validation has not improved for
+``patience`` epochs. The caller then scores the test set once, with the best-validation weights:
+the number of epochs is chosen on validation, never by looking at the test set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TrainingHistory:
+    """Per-epoch record of one run; ``best_epoch`` counts from 1."""
+
+    best_epoch: int = 0
+    best_val_top1: float = -1.0
+    val_top1: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def _train_one_epoch(model, optimizer, batches, device) -> float:
+    model.train()
+    total, count = 0.0, 0
+    for inputs, labels in batches:
+        if len(labels) == 0:
+            continue  # a batch of unreadable files only
+        inputs, labels = inputs.to(device), labels.to(device)
+        loss = nn.functional.cross_entropy(model(inputs), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total, count = total + loss.item() * len(labels), count + len(labels)
+    return total / max(count, 1)
+
+
+def train_with_early_stopping(
+    model: nn.Module,
+    parameters: Iterable[nn.Parameter],
+    train_batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    score_val: Callable[[], float],
+    epochs: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    patience: int | None = None,
+    device: str | torch.device = "cpu",
+) -> TrainingHistory:
+    """Train ``parameters`` of ``model`` with cross-entropy; leave the best-validation weights in it.
+
+    Args:
+        model: maps a batch of inputs to ``(B, num_classes)`` logits.
+        parameters: what the optimiser updates (the head alone for a linear probe).
+        train_batches: ``epoch -> iterable of (inputs, labels)``, shuffled by the caller.
+        score_val: validation top-1 of the model as it is now.
+        epochs: the budget; the schedule decays to zero over it.
+        lr: SGD learning rate (momentum 0.9).
+        patience: stop after this many epochs without a better validation score (None: never).
+
+    Returns:
+        The history; ``model`` holds the weights of ``history.best_epoch``.
+    """
+    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    history, best_state = TrainingHistory(), _snapshot(model)
+    for epoch in range(1, epochs + 1):
+        history.train_loss.append(_train_one_epoch(model, optimizer, train_batches(epoch), device))
+        schedule.step()
+        val_top1 = score_val()
+        history.val_top1.append(val_top1)
+        if val_top1 > history.best_val_top1:
+            history.best_epoch, history.best_val_top1, best_state = epoch, val_top1, _snapshot(model)
+        elif patience is not None and epoch - history.best_epoch >= patience:
+            break
+    model.load_state_dict(best_state)
+    return history

@@ -1,0 +1,35 @@
+"""The benchmark scripts run end to end at a tiny size on the CPU (their real sizes need CIFAR-10/a GPU)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--set", "model.backbone=smallconv", "--set", "augment.input_size=16", "--set", "augment.min_scale=0.25",
+        "--set", "model.proj_hidden_dim=64", "--set", "train.batch_size=128", "--set", "data.max_images=512"]
+
+
+def test_gpu_benchmark_script_at_a_tiny_size_on_cpu(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert _load("gpu_benchmark").main(["--train", "builtin:digits:train", "--test", "builtin:digits:test",
+                                        "--epochs", "2", "--device", "cpu", "--out", str(out), *TINY]) == 0
+    result = json.loads((out / "gpu_benchmark.json").read_text())
+    assert len(result["images_per_s_by_epoch"]) == 2 and result["achieved_tflops"] > 0
+    assert 0 < result["mfu"] < 1 and 0.1 < result["knn_top1"] <= 1.0
+
+
+def test_throughput_script_compares_three_loops(digits_folder, capsys):
+    assert _load("bench_throughput").main(["--data", str(digits_folder), "--config", "configs/demo_digits.yaml",
+                                           "--steps", "2", "--warmup", "1", "--images", "200",
+                                           "--set", "train.batch_size=32", "--lightly-workers", "0"]) == 0
+    table = capsys.readouterr().out
+    assert "| bare |" in table and "| ours |" in table and "| lightly-style |" in table
