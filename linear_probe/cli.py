@@ -71,8 +71,8 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
                      help="instdisc: k=200, T=0.1 (InstDisc, lightly benchmarks); dino: k=20, T=0.07")
     knn.add_argument("--knn-k", type=int, help="neighbours that vote (overrides --knn-protocol)")
     knn.add_argument("--knn-t", type=float, help="temperature of the exp(similarity / T) votes (overrides --knn-protocol)")
-    knn.add_argument("--knn-backend", choices=("torch", "faiss"), default=DEFAULTS.knn_backend,
-                     help="torch: matrix product + top-k (fast with large k, GPU); faiss: IndexFlatIP")
+    knn.add_argument("--knn-backend", choices=("auto", "torch", "faiss"), default=DEFAULTS.knn_backend,
+                     help="auto: faiss on the CPU, torch on a GPU; torch: matrix product + top-k; faiss: IndexFlatIP")
     linear = parser.add_argument_group("linear probe and fine-tuning (epochs chosen on validation)")
     linear.add_argument("--linear-epochs", type=int, default=DEFAULTS.linear_epochs,
                         help="budget of the linear probe; the best validation epoch is kept")

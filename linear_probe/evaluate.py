@@ -68,7 +68,7 @@ class EvaluationSettings:
     split_seed: int = 0
     knn_k: int = 200
     knn_temperature: float = 0.1
-    knn_backend: str = "torch"
+    knn_backend: str = "auto"
     linear_epochs: int = 100
     linear_lr: float = 0.1
     linear_augment: bool = False
@@ -93,8 +93,8 @@ class EvaluationSettings:
                 raise EvaluationError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.knn_temperature <= 0:
             raise EvaluationError(f"knn temperature must be positive, got {self.knn_temperature}")
-        if self.knn_backend not in ("torch", "faiss"):
-            raise EvaluationError(f"unknown kNN backend '{self.knn_backend}' (torch or faiss)")
+        if self.knn_backend not in ("auto", "torch", "faiss"):
+            raise EvaluationError(f"unknown kNN backend '{self.knn_backend}' (auto, torch or faiss)")
 
     @property
     def needs_validation(self) -> bool:

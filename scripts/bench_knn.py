@@ -3,10 +3,11 @@
     python scripts/bench_knn.py                      # 50,000 x 10,000 queries, 512-d, k=200
     python scripts/bench_knn.py --train 5000 --queries 1000
 
-Contenders: ``knn_classify`` (ours, the evaluation's default), a brute-force reference written
+Contenders: ``knn_classify`` (ours, the evaluation's default back-end: faiss on the CPU), a brute-force reference written
 plainly in torch (one matrix product of all queries, ``topk``, weighted votes), faiss's flat
-inner-product index, and scikit-learn's ``KNeighborsClassifier`` (brute force, cosine). Each one
-also checks its predictions against the torch reference. Prints a Markdown table with ratios.
+inner-product index, and scikit-learn's ``KNeighborsClassifier`` (brute force, cosine; its votes
+are uniform, not exp(sim/T)-weighted, so its predictions may differ slightly). Each one's
+top-1 predictions are compared with ours. Prints a Markdown table with ratios.
 """
 
 from __future__ import annotations

@@ -33,3 +33,17 @@ def test_throughput_script_compares_three_loops(digits_folder, capsys):
                                            "--set", "train.batch_size=32", "--lightly-workers", "0"]) == 0
     table = capsys.readouterr().out
     assert "| bare |" in table and "| ours |" in table and "| lightly-style |" in table
+
+
+def test_knn_benchmark_script_agrees_across_methods(capsys):
+    assert _load("bench_knn").main(["--train", "2000", "--queries", "300", "--dim", "32", "--k", "50"]) == 0
+    table = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ") and "%" in line}
+    for exact in ("ours (knn_classify)", "torch brute force", "faiss IndexFlatIP"):
+        assert rows[exact].rstrip(" |").endswith("100.00%")  # the same weighted votes
+    assert "scikit-learn KNeighborsClassifier" in rows  # uniform votes: close, not identical
+
+
+def test_extract_benchmark_script(digits_folder, capsys):
+    assert _load("bench_extract").main(["--data", str(digits_folder), "--images", "128", "--batch-size", "64"]) == 0
+    assert "| extract_embeddings |" in capsys.readouterr().out
