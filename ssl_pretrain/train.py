@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -333,10 +333,8 @@ def pretrain(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: 
     """
     if not cfg.data.source:
         raise ConfigError("no data given: pass --data PATH (or set data.source in the config)")
-    with RunFolder(out_dir) as run:
+    with RunFolder(out_dir) as run, torch_threads(cfg.train.threads):
         run.prepare(resume=resume, overwrite=overwrite)
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
         device = resolve_device(cfg.train.device)
         source = open_source(cfg.data.source, download=cfg.data.download, max_pixels=cfg.data.max_image_pixels)
         source = random_subset(source, cfg.data.max_images)
@@ -364,6 +362,18 @@ def pretrain(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: 
         export_backbone(run.backbone_file, model.backbone, backbone_info(cfg, model.feature_dim, state.epoch))
         log.info("done: backbone written to %s; %d unreadable files skipped", run.backbone_file, len(state.skipped))
         return run.backbone_file
+
+
+@contextmanager
+def torch_threads(count: Optional[int]):
+    """Use ``count`` intra-op threads for the run, then give the caller back its own setting."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def train_epochs(cfg: Config, run: RunFolder, step: Step, loader, sampler, state: RunState, progress: bool) -> None:

@@ -154,3 +154,9 @@ def test_tensor_pipeline_needs_small_images_of_one_size(tmp_path):
         pretrain(tiny_config("data.pipeline=tensor", source=str(tmp_path)), tmp_path / "run", progress=False)
     pretrain(tiny_config(source=str(tmp_path)), tmp_path / "auto", progress=False)  # auto falls back to pil
     assert "loader workers" in (tmp_path / "auto" / "train.log").read_text()
+
+
+def test_threads_setting_applies_to_the_run_only(tmp_path):
+    before = torch.get_num_threads()
+    pretrain(tiny_config("train.threads=1"), tmp_path / "run", progress=False)
+    assert torch.get_num_threads() == before

@@ -24,15 +24,6 @@ from ssl_pretrain.run_folder import RunFolder, RunFolderError
 MEGABYTE = 1 << 20
 
 
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    """The runs below set ``train.threads=1`` (fast on a busy machine); give the other tests
-    back the thread count they had."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def mount_tmpfs(tmp_path):
     """``mount_tmpfs(size_bytes) -> folder``: a tmpfs of that size, unmounted afterwards."""

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from ssl_pretrain import train as train_module
 from ssl_pretrain.checkpoint import load_checkpoint
@@ -28,15 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "model.backbone=smallconv", "--set", "augment.input_size=16", "--set", "augment.min_scale=0.25",
         "--set", "model.proj_hidden_dim=64", "--set", "model.proj_output_dim=32", "--set", "data.num_workers=0",
         "--set", "optim.warmup_epochs=0", "--set", "train.threads=1", "--seed", "0", "--device", "cpu", "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    """The runs below set ``train.threads=1`` (fast on a busy machine); give the other tests
-    back the thread count they had."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +134,6 @@ def _evaluate_on(folder, random_run: Path, out: Path) -> None:
     from linear_probe.cli import main as evaluate_main
     from linear_probe.embeddings import load_embeddings
 
-    torch.set_num_threads(1)  # restored by keep_torch_threads
     code = evaluate_main(["--checkpoint", str(random_run), "--train", str(folder.root), "--test-fraction", "0.3",
                           "--out", str(out), "--methods", "knn,logreg,finetune", "--label-fractions", "1.0",
                           "--seeds", "1", "--linear-epochs", "2", "--finetune-epochs", "1", "--device", "cpu",
