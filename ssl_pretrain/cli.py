@@ -94,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"ssl-pretrain: error: {error}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print(f"ssl-pretrain: interrupted; continue with the same command and --resume", file=sys.stderr)
+        print("ssl-pretrain: interrupted; continue with the same command and --resume", file=sys.stderr)
         return 130
     return 0
 

@@ -23,14 +23,13 @@ import ssl_pretrain
 from ssl_pretrain.backbones import resolve_small_stem
 from ssl_pretrain.checkpoint import (
     BackboneInfo,
-    CheckpointError,
     atomic_write,
     export_backbone,
     load_checkpoint,
     load_state_dict_strict,
     save_checkpoint,
 )
-from ssl_pretrain.config import Config, ConfigError, config_from_dict
+from ssl_pretrain.config import Config, ConfigError
 from ssl_pretrain.batch_transforms import build_batch_augment
 from ssl_pretrain.data import DataError, check_readable, common_small_size, decode_all, open_source, random_subset
 from ssl_pretrain.dataset import (
