@@ -248,11 +248,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         return Config.model_validate(tree)
     except ValidationError as error:
         raise ConfigError(_format_validation_error(error, origin)) from None
-
-
-def config_from_dict(tree: dict[str, Any]) -> Config:
-    """Rebuild a config saved in a checkpoint or run folder."""
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as error:
-        raise ConfigError(_format_validation_error(error, "saved config")) from None
