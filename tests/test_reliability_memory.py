@@ -37,6 +37,10 @@ def test_memory_is_flat_over_many_epochs(tmp_path, epochs, settings):
     assert len(samples) == epochs
     assert growth["peak_mb"] < 16, report
     assert growth["rss_mb"] < 32, report
-    assert growth["workers_private_mb"] < 16, report
+    # Workers: their RSS. Their *private* memory is no measure of a leak: each page the training
+    # process writes after the fork turns the worker's copy private (copy-on-write), so it climbs
+    # towards the parent's size without the worker allocating anything (28 -> 239 MB seen in a
+    # fresh venv while the workers' RSS moved 955 -> 963 MB).
+    assert growth["workers_mb"] < 32, report
     if "data.num_workers=2" in settings:
         assert samples[-1]["workers_mb"] > 0  # the workers were measured, and still alive
