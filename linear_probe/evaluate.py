@@ -31,10 +31,10 @@ from linear_probe.linear import evaluate_linear, evaluate_linear_augmented
 from linear_probe.logreg import evaluate_logreg
 from linear_probe.report import format_table, make_row, summarise, write_report
 from linear_probe.scoring import ProbeResult
-from linear_probe.splits import LabelBudget, SubsetSource, parse_label_budgets, sample_label_subset, stratified_split
+from linear_probe.splits import LabelBudget, parse_label_budgets, sample_label_subset, stratified_split
 from ssl_pretrain.backbones import build_backbone
 from ssl_pretrain.checkpoint import BackboneInfo, load_backbone
-from ssl_pretrain.data import open_source
+from ssl_pretrain.data import SubsetSource, open_source
 from ssl_pretrain.transforms import build_eval_transform
 
 log = logging.getLogger(__name__)

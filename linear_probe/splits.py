@@ -126,32 +126,3 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int, what: str =
             len(singletons), what, ", ".join(map(str, singletons[:10])),
         )
     return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held_out or [np.zeros(0, np.int64)]))
-
-
-class SubsetSource:
-    """Some images of a labelled source, usable wherever a source is (``len``, ``load``,
-    ``name``, ``labels``, ``classes``): fine-tuning and plots read images through it.
-
-    Args:
-        source: a labelled ``ssl_pretrain.data`` source.
-        indices: ``(n,)`` positions of the chosen images in ``source``.
-    """
-
-    def __init__(self, source, indices: np.ndarray):
-        self.source = source
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.labels = None if source.labels is None else np.asarray(source.labels)[self.indices]
-        self.classes = list(getattr(source, "classes", []))
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def load(self, index: int):
-        return self.source.load(int(self.indices[index]))
-
-    def name(self, index: int) -> str:
-        return self.source.name(int(self.indices[index]))
-
-    def subset(self, positions: np.ndarray) -> "SubsetSource":
-        """The images at ``positions`` of this subset, as a subset of the same source."""
-        return SubsetSource(self.source, self.indices[np.asarray(positions, dtype=np.int64)])

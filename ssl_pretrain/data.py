@@ -194,12 +194,21 @@ class ArraySource:
         return f"{self.prefix}/{index:06d}"
 
 
-@dataclass
 class SubsetSource:
-    """A fixed subset of another source (same ``load``/``name``, labels sliced)."""
+    """Some images of another source, usable wherever a source is (``len``, ``load``, ``name``,
+    ``labels``, ``classes``).
 
-    source: ImageSource
-    indices: np.ndarray
+    Args:
+        source: any image source.
+        indices: ``(n,)`` positions of the chosen images in ``source``.
+    """
+
+    def __init__(self, source: ImageSource, indices: np.ndarray):
+        self.source = source
+        self.indices = np.asarray(indices, dtype=np.int64)
+        labels = getattr(source, "labels", None)
+        self.labels = None if labels is None else np.asarray(labels)[self.indices]
+        self.classes = list(getattr(source, "classes", []))
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -210,14 +219,9 @@ class SubsetSource:
     def name(self, index: int) -> str:
         return self.source.name(int(self.indices[index]))
 
-    @property
-    def labels(self) -> Optional[np.ndarray]:
-        labels = getattr(self.source, "labels", None)
-        return None if labels is None else labels[self.indices]
-
-    @property
-    def classes(self) -> list[str]:
-        return getattr(self.source, "classes", [])
+    def subset(self, positions: np.ndarray) -> "SubsetSource":
+        """The images at ``positions`` of this subset, as a subset of the same source."""
+        return SubsetSource(self.source, self.indices[np.asarray(positions, dtype=np.int64)])
 
 
 def random_subset(source: ImageSource, count: Optional[int], seed: int = 0) -> ImageSource:

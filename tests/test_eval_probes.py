@@ -10,7 +10,7 @@ from sklearn.model_selection import train_test_split
 from linear_probe.finetune import evaluate_finetune
 from linear_probe.linear import evaluate_linear, evaluate_linear_augmented
 from linear_probe.logreg import DEFAULT_C_GRID, evaluate_logreg
-from linear_probe.splits import SubsetSource
+from ssl_pretrain.data import SubsetSource
 from linear_probe.training import train_with_early_stopping
 from ssl_pretrain.backbones import build_backbone
 from ssl_pretrain.data import digits_source
