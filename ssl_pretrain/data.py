@@ -2,21 +2,26 @@
 
 A *source* is anything with ``__len__``, ``load(index) -> PIL.Image (RGB)``, ``name(index)`` and,
 when labelled, ``labels`` (int array) and ``classes`` (names). ``open_source`` turns the strings
-users type (a folder, a text file of paths, ``builtin:digits``, ``cifar10:ROOT``...) into one.
+users type (a folder, a text file of paths, tar shards, ``builtin:digits``, ``cifar10:ROOT``...)
+into one.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import stat
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
+
+from ssl_pretrain.file_index import cached_scan, walk_class_folders, walk_tree
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,35 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _decode(opened, max_pixels: int) -> Image.Image:
+    """Decode an open image file (path or binary file object); errors are turned into
+    ``UnreadableImage`` by the caller."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's bomb *warning*; we enforce our own limit
+        with Image.open(opened) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise UnreadableImage(f"{width}x{height} exceeds {max_pixels} pixels")
+            if width < 1 or height < 1:
+                raise UnreadableImage(f"degenerate size {width}x{height}")
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+
+
+def _decode_or_explain(opened, max_pixels: int) -> Image.Image:
+    try:
+        return _decode(opened, max_pixels)
+    except UnreadableImage:
+        raise
+    except Image.DecompressionBombError as error:
+        raise UnreadableImage(f"decompression bomb: {error}") from None
+    except Image.UnidentifiedImageError:
+        raise UnreadableImage("not an image Pillow can identify") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise UnreadableImage(f"{type(error).__name__}: {error}") from None
+
+
 def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode ``path`` into an RGB image, honouring EXIF rotation.
 
@@ -66,29 +100,24 @@ def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """
     try:
         status = os.stat(path)
-        if not stat.S_ISREG(status.st_mode):  # a FIFO would block the reader, /dev/zero never ends
-            raise UnreadableImage("not a regular file (a FIFO, device or folder)")
-        if status.st_size == 0:
-            raise UnreadableImage("empty file (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow's bomb *warning*; we enforce our own limit
-            with Image.open(path) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise UnreadableImage(f"{width}x{height} exceeds {max_pixels} pixels")
-                if width < 1 or height < 1:
-                    raise UnreadableImage(f"degenerate size {width}x{height}")
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                return to_rgb(image)
-    except UnreadableImage:
-        raise
-    except Image.DecompressionBombError as error:
-        raise UnreadableImage(f"decompression bomb: {error}") from None
-    except Image.UnidentifiedImageError:
-        raise UnreadableImage("not an image Pillow can identify") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
+    except OSError as error:
         raise UnreadableImage(f"{type(error).__name__}: {error}") from None
+    if not stat.S_ISREG(status.st_mode):  # a FIFO would block the reader, /dev/zero never ends
+        raise UnreadableImage("not a regular file (a FIFO, device or folder)")
+    if status.st_size == 0:
+        raise UnreadableImage("empty file (0 bytes)")
+    return _decode_or_explain(path, max_pixels)
+
+
+def decode_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """``load_image`` for an image held in memory (a tar member): same checks, same RGB result.
+
+    Raises:
+        UnreadableImage: zero bytes, not an image, truncated, or more than ``max_pixels``.
+    """
+    if not data:
+        raise UnreadableImage("empty member (0 bytes)")
+    return _decode_or_explain(io.BytesIO(data), max_pixels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,42 +129,11 @@ def scan_images(
 ) -> list[str]:
     """All image files under ``root``, recursively, sorted. Follows symlinks, never loops.
 
-    ``skip_dirs`` are folders never entered, even through a link (``image_folder_source`` passes
-    the top folder and the other classes, so that ``cats/loop -> ..`` cannot file every dog under
-    cats too). ``os.scandir`` reuses the directory entries' types, so 100,000 files take about a
-    second.
+    ``skip_dirs`` are folders never entered, even through a link. ``os.scandir`` reuses the
+    directory entries' types, so 100,000 files take about a second; ``open_source(...,
+    index_cache=...)`` keeps the result for the next run (see ``ssl_pretrain.file_index``).
     """
-    extensions = tuple(ext.lower() for ext in extensions)
-    found: list[str] = []
-    seen_dirs: set[tuple[int, int]] = set()
-    for directory in skip_dirs:
-        try:
-            stat = os.stat(directory)
-            seen_dirs.add((stat.st_dev, stat.st_ino))
-        except OSError:
-            pass
-    stack = [os.fspath(root)]
-    while stack:
-        directory = stack.pop()
-        try:
-            stat = os.stat(directory)
-            if (stat.st_dev, stat.st_ino) in seen_dirs:
-                continue  # a symlink loop or a folder reached twice
-            seen_dirs.add((stat.st_dev, stat.st_ino))
-            entries = list(os.scandir(directory))
-        except OSError as error:
-            log.warning("skipped folder %s: %s", directory, error.strerror or error)
-            continue
-        for entry in entries:
-            try:
-                if entry.is_dir():
-                    stack.append(entry.path)
-                elif entry.name.lower().endswith(extensions) and entry.is_file():
-                    found.append(entry.path)
-            except OSError:
-                continue  # a dangling or looping link
-    found.sort()
-    return found
+    return walk_tree(root, extensions, skip_dirs).paths
 
 
 def read_path_list(list_file: str | Path) -> list[str]:
@@ -159,7 +157,7 @@ class FileSource:
     """Image files on disk, optionally labelled by their class folder."""
 
     paths: list[str]
-    labels: Optional[np.ndarray] = None
+    labels: np.ndarray | None = None
     classes: list[str] = field(default_factory=list)
     root: str = ""
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -180,7 +178,7 @@ class ArraySource:
     """Images held in memory as a uint8 array (N, H, W[, C]), e.g. the built-in digits."""
 
     images: np.ndarray
-    labels: Optional[np.ndarray] = None
+    labels: np.ndarray | None = None
     classes: list[str] = field(default_factory=list)
     prefix: str = "array"
 
@@ -219,12 +217,12 @@ class SubsetSource:
     def name(self, index: int) -> str:
         return self.source.name(int(self.indices[index]))
 
-    def subset(self, positions: np.ndarray) -> "SubsetSource":
+    def subset(self, positions: np.ndarray) -> SubsetSource:
         """The images at ``positions`` of this subset, as a subset of the same source."""
         return SubsetSource(self.source, self.indices[np.asarray(positions, dtype=np.int64)])
 
 
-def random_subset(source: ImageSource, count: Optional[int], seed: int = 0) -> ImageSource:
+def random_subset(source: ImageSource, count: int | None, seed: int = 0) -> ImageSource:
     """``count`` images drawn without replacement with a fixed seed, in their original order."""
     if count is None or count >= len(source):
         return source
@@ -275,25 +273,26 @@ def _torchvision_source(kind: str, root: str, split: str, download: bool) -> Arr
     return ArraySource(np.ascontiguousarray(images), labels if has_labels else None, classes, prefix=kind)
 
 
-def image_folder_source(root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> FileSource:
-    """Labelled images in image-folder layout: ``root/<class>/**/<image>``."""
+def image_folder_source(
+    root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, *, index_cache: str | Path | None = None
+) -> FileSource:
+    """Labelled images in image-folder layout: ``root/<class>/**/<image>``.
+
+    Args:
+        index_cache: an index file that keeps the scan for later runs (see ``open_source``).
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"labelled folder not found: {root}")
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    if not classes:
+    scan = cached_scan(root, "classes", IMAGE_EXTENSIONS, index_cache,
+                       lambda: walk_class_folders(root, IMAGE_EXTENSIONS))
+    if not scan.classes:
         raise DataError(f"{root} has no class subfolders (expected {root}/<class>/<image>)")
-    paths, labels, empty = [], [], []
-    for label, class_name in enumerate(classes):
-        others = [root] + [root / other for other in classes if other != class_name]
-        class_paths = scan_images(root / class_name, skip_dirs=others)
-        if not class_paths:
-            empty.append(class_name)
-        paths += class_paths
-        labels += [label] * len(class_paths)
+    empty = [name for name, count in zip(scan.classes, scan.class_counts) if count == 0]
     if empty:
         raise DataError(f"{root}: class folder(s) with no images: {', '.join(empty)}")
-    return FileSource(paths, np.asarray(labels, dtype=np.int64), classes, str(root), max_pixels)
+    labels = np.repeat(np.arange(len(scan.classes), dtype=np.int64), scan.class_counts)
+    return FileSource(scan.paths, labels, scan.classes, str(root), max_pixels)
 
 
 def _parse_spec(spec: str) -> tuple[str, str, str]:
@@ -307,15 +306,24 @@ def _parse_spec(spec: str) -> tuple[str, str, str]:
 
 
 def open_source(
-    spec: str, *, labelled: bool = False, download: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS
+    spec: str, *, labelled: bool = False, download: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+    index_cache: str | Path | None = None,
 ) -> ImageSource:
     """Turn what a user typed into an image source.
 
     Args:
-        spec: a folder, a ``.txt`` list of paths, ``builtin:digits[:train|:test|:all]``, or
-            ``cifar10:ROOT[:train|:test]``, ``cifar100:ROOT[...]``, ``stl10:ROOT[...]``.
-        labelled: folders are read in image-folder layout (one subfolder per class).
+        spec: a folder, a ``.txt`` list of paths, ``builtin:digits[:train|:test|:all]``,
+            ``cifar10:ROOT[:train|:test]``, ``cifar100:ROOT[...]``, ``stl10:ROOT[...]``, or tar
+            shards in WebDataset layout: ``x.tar``, ``shards/train-{000000..000009}.tar``, or a
+            folder holding only ``*.tar`` files.
+        labelled: folders are read in image-folder layout (one subfolder per class); shards need
+            a ``.cls`` member for every sample.
         download: allow torchvision to download a named dataset.
+        index_cache: an index file (e.g. ``<run folder>/file_index.txt``) that keeps the scan of a
+            folder, or the member offsets of tar shards, for later runs; reused while the folders'
+            (or shards') modification times are unchanged, rebuilt when stale or corrupt. None:
+            scan every time. Never written inside the data folder, which may be shared or
+            read-only, and whose own time would change.
 
     Raises:
         DataError: the source does not exist, or holds no image files (one line).
@@ -328,17 +336,22 @@ def open_source(
     kind, root, split = _parse_spec(spec)
     if kind in ("cifar10", "cifar100", "stl10") and root and not Path(spec).exists():
         return _torchvision_source(kind, root, split, download)
+    from ssl_pretrain.shards import find_shards, open_shards  # imports this module
+
+    shards = find_shards(spec)
+    if shards is not None:
+        return open_shards(shards, labelled=labelled, max_pixels=max_pixels, index_cache=index_cache)
     path = Path(spec)
     if labelled:
-        return image_folder_source(path, max_pixels)
+        return image_folder_source(path, max_pixels, index_cache=index_cache)
     if path.is_file():
         paths = read_path_list(path)
         if not paths:
             raise DataError(f"{path} lists no image paths")
         return FileSource(paths, root="", max_pixels=max_pixels)
     if not path.is_dir():
-        raise DataError(f"data not found: {spec} (a folder, a .txt list of paths, or builtin:digits)")
-    paths = scan_images(path)
+        raise DataError(f"data not found: {spec} (a folder, a .txt list of paths, tar shards, or builtin:digits)")
+    paths = cached_scan(path, "flat", IMAGE_EXTENSIONS, index_cache, lambda: walk_tree(path, IMAGE_EXTENSIONS)).paths
     if not paths:
         raise DataError(f"no image files under {path} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return FileSource(paths, root=str(path), max_pixels=max_pixels)
@@ -399,7 +412,7 @@ def decode_all(source: ImageSource, size: tuple[int, int], progress: bool = True
     return (images[kept] if len(kept) < len(source) else images), kept, skipped
 
 
-def common_small_size(source: ImageSource, limit: int = 64, probe: int = 32) -> Optional[tuple[int, int]]:
+def common_small_size(source: ImageSource, limit: int = 64, probe: int = 32) -> tuple[int, int] | None:
     """The shared (width, height) of the first decodable images, if all agree and are <= ``limit``."""
     sizes = set()
     for index in range(min(probe, len(source))):
