@@ -12,7 +12,7 @@ import sys
 
 from linear_probe.errors import EvaluationError
 from linear_probe.evaluate import METHODS, EvaluationSettings, evaluate
-from linear_probe.knn import KNN_PROTOCOLS
+from linear_probe.knn import DEFAULT_NPROBE, EXACT_BELOW, INDEXES, KNN_PROTOCOLS
 from linear_probe.splits import parse_label_budgets
 from ssl_pretrain.checkpoint import CheckpointError
 from ssl_pretrain.data import DataError
@@ -73,6 +73,12 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
     knn.add_argument("--knn-t", type=float, help="temperature of the exp(similarity / T) votes (overrides --knn-protocol)")
     knn.add_argument("--knn-backend", choices=("auto", "torch", "faiss"), default=DEFAULTS.knn_backend,
                      help="auto: faiss on the CPU, torch on a GPU; torch: matrix product + top-k; faiss: IndexFlatIP")
+    knn.add_argument("--knn-index", choices=INDEXES, default=DEFAULTS.knn_index,
+                     help="exact; ivf (faiss IndexIVFFlat, 4*sqrt(N) lists) or hnsw (IndexHNSWFlat): approximate, "
+                     "their recall@k against exact search is measured and written to results.json; auto: exact "
+                     f"below {EXACT_BELOW:,} training features, ivf from there")
+    knn.add_argument("--knn-nprobe", type=int, help=f"IVF lists scanned per query (default {DEFAULT_NPROBE}): more "
+                     "means higher recall and slower search")
     linear = parser.add_argument_group("linear probe and fine-tuning (epochs chosen on validation)")
     linear.add_argument("--linear-epochs", type=int, default=DEFAULTS.linear_epochs,
                         help="budget of the linear probe; the best validation epoch is kept")
@@ -117,6 +123,8 @@ def settings_from_args(args: argparse.Namespace) -> EvaluationSettings:
         knn_k=args.knn_k if args.knn_k is not None else protocol.k,
         knn_temperature=args.knn_t if args.knn_t is not None else protocol.temperature,
         knn_backend=args.knn_backend,
+        knn_index=args.knn_index,
+        knn_nprobe=args.knn_nprobe,
         linear_epochs=args.linear_epochs,
         linear_lr=args.linear_lr,
         linear_augment=args.linear_augment,

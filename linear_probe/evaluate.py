@@ -26,7 +26,7 @@ from torch import nn
 from linear_probe.embeddings import Embeddings, cached_embeddings, extract_embeddings, fingerprint_module, fingerprint_source
 from linear_probe.errors import EvaluationError
 from linear_probe.finetune import evaluate_finetune
-from linear_probe.knn import evaluate_knn
+from linear_probe.knn import INDEXES, evaluate_knn
 from linear_probe.linear import evaluate_linear, evaluate_linear_augmented
 from linear_probe.logreg import evaluate_logreg
 from linear_probe.report import format_table, make_row, summarise, write_report
@@ -69,6 +69,8 @@ class EvaluationSettings:
     knn_k: int = 200
     knn_temperature: float = 0.1
     knn_backend: str = "auto"
+    knn_index: str = "auto"  # exact below knn.EXACT_BELOW training features, IVF from there
+    knn_nprobe: int | None = None  # IVF lists scanned per query; None: knn.DEFAULT_NPROBE
     linear_epochs: int = 100
     linear_lr: float = 0.1
     linear_augment: bool = False
@@ -95,6 +97,12 @@ class EvaluationSettings:
             raise EvaluationError(f"knn temperature must be positive, got {self.knn_temperature}")
         if self.knn_backend not in ("auto", "torch", "faiss"):
             raise EvaluationError(f"unknown kNN backend '{self.knn_backend}' (auto, torch or faiss)")
+        if self.knn_index not in INDEXES:
+            raise EvaluationError(f"unknown kNN index '{self.knn_index}' ({', '.join(INDEXES)})")
+        if self.knn_index in ("ivf", "hnsw") and self.knn_backend == "torch":
+            raise EvaluationError(f"the kNN index '{self.knn_index}' needs the faiss back-end, not torch")
+        if self.knn_nprobe is not None and self.knn_nprobe < 1:
+            raise EvaluationError(f"knn-nprobe must be at least 1, got {self.knn_nprobe}")
 
     @property
     def needs_validation(self) -> bool:
@@ -281,7 +289,8 @@ def run_feature_method(context: _Context, method: str, kind: str, labelled: Subs
     if method == "knn":
         return evaluate_knn(train.features, train.labels, test.features, test.labels, num_classes,
                             k=settings.knn_k, temperature=settings.knn_temperature,
-                            backend=settings.knn_backend, device=context.device), len(train)
+                            backend=settings.knn_backend, device=context.device, index=settings.knn_index,
+                            nprobe=settings.knn_nprobe), len(train)
     val = context.features(kind, "val", context.data.val)
     if method == "logreg":
         return evaluate_logreg(train.features, train.labels, val.features, val.labels, test.features,

@@ -98,7 +98,7 @@ def test_cache_is_reused_until_weights_or_data_change(tmp_path, monkeypatch):
     with torch.no_grad():
         backbone.features[0].weight.add_(1.0)  # the weights changed
     run()
-    assert len(calls) == 3 and len(list((tmp_path / "cache").glob("*.npz"))) == 3
+    assert len(calls) == 3 and len(list((tmp_path / "cache").glob("*.json"))) == 3  # one .npy set each
 
 
 def test_take_picks_rows_by_source_position_in_the_order_asked():
