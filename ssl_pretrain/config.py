@@ -130,6 +130,10 @@ class TrainConfig(_Section):
     """Default: on for CUDA."""
     compile: bool = False
     """``torch.compile`` the model (GPU; slow to start)."""
+    sync_batchnorm: bool = False
+    """Distributed runs: BatchNorm statistics over the global batch instead of each rank's share
+    (torch's SyncBatchNorm on GPUs, an all-reduce BatchNorm on CPUs). Worth it when the batch
+    per GPU is small; each BatchNorm layer then costs a collective."""
     checkpoint_every_steps: int = Field(0, ge=0)
     """Also write ``checkpoints/last.pt`` every N steps (0: only at the end of each epoch)."""
     keep_every_epochs: int = Field(0, ge=0)

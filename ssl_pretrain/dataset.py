@@ -77,11 +77,24 @@ def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> l
 
 
 class EpochBatchSampler(Sampler):
-    """Batches of ``(epoch, index)`` keys for one epoch, optionally starting at a given step."""
+    """Batches of ``(epoch, index)`` keys for one epoch, optionally starting at a given step.
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int):
+    ``batch_size`` is the global batch. In a distributed run each rank yields its own slice of
+    every global batch (``batch_size / world_size`` keys), so the ranks together see exactly the
+    batches of a single-process run, and a resumed run - with any number of ranks - continues
+    with the same ones.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} is not divisible by the {world_size} ranks")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.start_step = 0, 0
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.batch_size // self.world_size
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
@@ -91,8 +104,9 @@ class EpochBatchSampler(Sampler):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         batches = epoch_batches(self.num_samples, self.batch_size, self.seed, self.epoch)
+        local = self.local_batch_size
         for batch in batches[self.start_step :]:
-            yield [(self.epoch, index) for index in batch]
+            yield [(self.epoch, index) for index in batch[self.rank * local : (self.rank + 1) * local]]
 
 
 def worker_count(setting, num_samples: Optional[int] = None) -> int:
@@ -130,5 +144,7 @@ class TensorBatches:
             step = self.sampler.start_step + offset
             indices = torch.tensor([index for _, index in keys], device=self.images.device)
             seed = sample_seed(self.seed, self.sampler.epoch, -2 - step)
+            if self.sampler.rank:  # each rank augments its own slice of the global batch
+                seed = sample_seed(seed, self.sampler.rank, -1)
             views = batch_views(self.images[indices], self.augment, seed)
             yield {"views": views, "skipped": self.skipped if offset == 0 else []}

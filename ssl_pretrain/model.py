@@ -30,7 +30,12 @@ def build_model(cfg: ModelConfig, small_stem: bool) -> SimCLR:
     return SimCLR(backbone, feature_dim, cfg.proj_hidden_dim, cfg.proj_output_dim)
 
 
-def build_loss(cfg: LossConfig) -> NTXentLoss:
+def build_loss(cfg: LossConfig, gather_distributed: bool = False) -> NTXentLoss:
     """NT-Xent (SimCLR eq. 1) from lightly: for a batch of B pairs, each view's positive is its
-    partner and its 2B-2 negatives are the other views in the batch."""
-    return NTXentLoss(temperature=cfg.temperature)
+    partner and its 2B-2 negatives are the other views in the batch.
+
+    ``gather_distributed``: the batch is the global one - each rank's views meet the negatives of
+    every rank (lightly all-gathers them; its backward all-reduces the gradients, so with
+    DistributedDataParallel's averaging each rank gets the gradient of the global mean loss).
+    """
+    return NTXentLoss(temperature=cfg.temperature, gather_distributed=gather_distributed)

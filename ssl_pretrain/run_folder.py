@@ -29,8 +29,11 @@ class RunFolderError(RuntimeError):
 class RunFolder:
     """Owns one run folder for the duration of a run (use as a context manager)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, writer: bool = True):
+        """``writer=False``: the other ranks of a distributed run, which read checkpoints but
+        never write into the folder (rank 0 owns it)."""
         self.path = Path(path)
+        self.writer = writer
         self.config_file = self.path / "config.yaml"
         self.metrics_file = self.path / "metrics.jsonl"
         self.log_file = self.path / "train.log"
@@ -49,6 +52,8 @@ class RunFolder:
             RunFolderError: the folder holds a run and neither ``resume`` nor ``overwrite`` was
                 given, or another process is writing into it.
         """
+        if not self.writer:
+            return
         if self.holds_run() and not resume and not overwrite:
             raise RunFolderError(
                 f"{self.path} already holds a run: pass --resume to continue it, "
@@ -93,6 +98,8 @@ class RunFolder:
         self._log_handler = handler
 
     def write_config(self, config: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         text = yaml.safe_dump(config, sort_keys=False).encode()
         atomic_write(self.config_file, lambda file: file.write(text))  # never half a config
 
@@ -100,6 +107,8 @@ class RunFolder:
         return yaml.safe_load(self.config_file.read_text()) if self.config_file.exists() else None
 
     def append_metrics(self, record: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         try:
             with open(self.metrics_file, "a") as file:
                 file.write(json.dumps(record) + "\n")
@@ -110,6 +119,8 @@ class RunFolder:
 
     def trim_metrics(self, after_step: int) -> None:
         """On resume, drop records written after the checkpoint, so none is counted twice."""
+        if not self.writer:
+            return
         if not self.metrics_file.exists():
             return
         kept = []

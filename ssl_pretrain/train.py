@@ -32,6 +32,18 @@ from ssl_pretrain.checkpoint import (
 from ssl_pretrain.config import Config, ConfigError
 from ssl_pretrain.batch_transforms import build_batch_augment
 from ssl_pretrain.data import DataError, check_readable, common_small_size, decode_all, open_source, random_subset
+from ssl_pretrain.distributed import (
+    DistInfo,
+    barrier,
+    convert_sync_batchnorm,
+    gather_skipped,
+    init_distributed,
+    main_first,
+    mean_over_ranks,
+    min_over_ranks,
+    shutdown,
+    unwrap,
+)
 from ssl_pretrain.dataset import (
     EpochBatchSampler,
     TensorBatches,
@@ -47,12 +59,15 @@ from ssl_pretrain.transforms import build_view_transform
 
 log = logging.getLogger("ssl_pretrain")
 
+FILE_INDEX = "file_index.txt"
+
 # Keys that may change when a run is resumed; anything else must match the saved config.
 RESUMABLE_CHANGES = {
     "train.epochs", "train.device", "train.threads", "train.log_every_steps", "train.tensorboard",
     "train.checkpoint_every_steps", "train.keep_every_epochs", "data.num_workers", "data.source",
     "monitor.train", "monitor.val", "monitor.every_epochs",
 }
+# The number of ranks may change too: the global batch order does not depend on it.
 
 
 class DivergenceError(RuntimeError):
@@ -127,8 +142,10 @@ def resolve_pipeline(cfg: Config, source) -> Optional[tuple[int, int]]:
     return size if fits else None
 
 
-def build_loader(cfg: Config, source, device: torch.device, progress: bool = True):
+def build_loader(cfg: Config, source, device: torch.device, progress: bool = True, dist_info: DistInfo = DistInfo()):
     """Batches of view pairs: ``TensorBatches`` for small images in memory, else a DataLoader.
+
+    In a distributed run each rank gets its slice of every global batch (``EpochBatchSampler``).
 
     Returns:
         ``(batches, sampler)``; iterating ``batches`` yields ``{"views", "skipped"}`` records.
@@ -138,16 +155,18 @@ def build_loader(cfg: Config, source, device: torch.device, progress: bool = Tru
         images, _, skipped = decode_all(source, size, progress=progress)
         if len(images) < cfg.train.batch_size:
             raise DataError(f"only {len(images)} readable images, fewer than one batch of {cfg.train.batch_size}")
-        sampler = EpochBatchSampler(len(images), cfg.train.batch_size, cfg.train.seed)
+        sampler = EpochBatchSampler(len(images), cfg.train.batch_size, cfg.train.seed, dist_info.rank,
+                                    dist_info.world_size)
         augment = build_batch_augment(cfg.augment).to(device)
         batches = TensorBatches(torch.from_numpy(images).to(device), augment, sampler, cfg.train.seed, skipped)
-        log.info("data: %d images decoded into memory (%dx%d), batch %d, %d steps/epoch, "
+        log.info("data: %d images decoded into memory (%dx%d), batch %d%s, %d steps/epoch, "
                  "augmented in batches on %s", len(images), size[0], size[1], cfg.train.batch_size,
-                 len(sampler), device)
+                 per_rank(sampler), len(sampler), device)
         return batches, sampler
     transform = build_view_transform(cfg.augment)
     dataset = TwoViewDataset(source, transform, cfg.train.seed)
-    sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.seed)
+    sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, dist_info.rank,
+                                dist_info.world_size)
     workers = worker_count(cfg.data.num_workers, len(dataset))
     loader = DataLoader(
         dataset,
@@ -158,9 +177,15 @@ def build_loader(cfg: Config, source, device: torch.device, progress: bool = Tru
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
-    log.info("data: %d images, batch %d, %d steps/epoch, %d loader workers",
-             len(dataset), cfg.train.batch_size, len(sampler), workers)
+    log.info("data: %d images, batch %d%s, %d steps/epoch, %d loader workers",
+             len(dataset), cfg.train.batch_size, per_rank(sampler), len(sampler), workers)
     return loader, sampler
+
+
+def per_rank(sampler: EpochBatchSampler) -> str:
+    if sampler.world_size == 1:
+        return ""
+    return f" ({sampler.local_batch_size} on each of {sampler.world_size} ranks)"
 
 
 def restore(run: RunFolder, cfg: Config, model, optimizer, scheduler) -> RunState:
@@ -195,7 +220,9 @@ def rng_states() -> dict[str, Any]:
 
 
 def write_checkpoint(run: RunFolder, cfg: Config, model: SimCLR, optimizer, scheduler, state: RunState) -> None:
-    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    if not run.writer:
+        return  # rank 0 writes for everyone
+    model = unwrap(model)  # torch.compile, DistributedDataParallel
     model_state = model.state_dict()
     save_checkpoint(run.last_checkpoint, {
         "config": cfg.to_dict(),
@@ -224,6 +251,7 @@ class Step:
     autocast: Any
     channels_last: bool
     grad_clip: Optional[float]
+    dist: DistInfo = field(default_factory=DistInfo)
 
 
 def train_step(step: Step, views: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -240,7 +268,7 @@ def train_step(step: Step, views: tuple[torch.Tensor, torch.Tensor]) -> torch.Te
         torch.nn.utils.clip_grad_norm_(step.model.parameters(), step.grad_clip)
     step.optimizer.step()
     step.scheduler.step()
-    return loss.detach()
+    return mean_over_ranks(loss.detach(), step.dist)  # the global batch's loss, the same on every rank
 
 
 def diverged(loss: float, state: RunState, run: RunFolder, lr: float) -> DivergenceError:
@@ -269,7 +297,7 @@ def run_epoch(cfg: Config, run: RunFolder, step: Step, loader, sampler, state: R
     step.model.train()
     started, images_seen, loss_sum, steps_done = time.perf_counter(), 0, 0.0, 0
     bar = tqdm(loader, total=len(sampler), desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}",
-               unit="step", disable=not progress, dynamic_ncols=True, leave=False)
+               unit="step", disable=not (progress and step.dist.is_main), dynamic_ncols=True, leave=False)
     for batch in bar:
         for name, reason in batch["skipped"]:
             if name not in state.skipped:
@@ -278,13 +306,19 @@ def run_epoch(cfg: Config, run: RunFolder, step: Step, loader, sampler, state: R
         state.step_in_epoch += 1
         state.global_step += 1
         views = batch["views"]
-        if views is None or len(views[0]) < 2:
+        count = 0 if views is None else len(views[0])
+        if step.dist.enabled:
+            # Unreadable files can leave the ranks with unequal shares; gathering the negatives
+            # needs equal ones, so every rank trains on the smallest share of this step.
+            count = min_over_ranks(count, step.dist, step.device)
+            views = None if count == 0 else (views[0][:count], views[1][:count])
+        if count < 2:
             continue  # every image of this batch was unreadable
         loss = train_step(step, views).item()
         lr = step.optimizer.param_groups[0]["lr"]
         if not math.isfinite(loss):
             raise diverged(loss, state, run, lr)
-        images_seen, loss_sum, steps_done = images_seen + len(views[0]), loss_sum + loss, steps_done + 1
+        images_seen, loss_sum, steps_done = images_seen + count * step.dist.world_size, loss_sum + loss, steps_done + 1
         rate = images_seen / (time.perf_counter() - started)
         if state.global_step % cfg.train.log_every_steps == 0:
             run.append_metrics({"step": state.global_step, "epoch": state.epoch + 1, "loss": loss,
@@ -293,6 +327,7 @@ def run_epoch(cfg: Config, run: RunFolder, step: Step, loader, sampler, state: R
         if cfg.train.checkpoint_every_steps and state.global_step % cfg.train.checkpoint_every_steps == 0:
             write_checkpoint(run, cfg, step.model, step.optimizer, step.scheduler, state)
     bar.close()
+    state.skipped = gather_skipped(state.skipped, step.dist)
     if steps_done == 0 and len(sampler) > 0:
         raise DataError(f"no batch could be formed in epoch {state.epoch + 1}: "
                         f"{len(state.skipped)} unreadable files (see {run.log_file})")
@@ -304,15 +339,22 @@ def run_epoch(cfg: Config, run: RunFolder, step: Step, loader, sampler, state: R
             "skipped_files": len(state.skipped)}
 
 
-def make_step(cfg: Config, model: SimCLR, optimizer, scheduler, device: torch.device) -> Step:
+def make_step(cfg: Config, model: SimCLR, optimizer, scheduler, device: torch.device,
+              dist_info: DistInfo = DistInfo()) -> Step:
+    """Resolve precision, memory format, ``DistributedDataParallel`` and ``torch.compile`` once."""
     use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     channels_last = device.type == "cuda" if cfg.train.channels_last is None else cfg.train.channels_last
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    forward_model = torch.compile(model) if cfg.train.compile else model
-    return Step(forward_model, build_loss(cfg.loss), optimizer, scheduler, device, autocast,
-                channels_last, cfg.optim.grad_clip)
+    forward_model: torch.nn.Module = model
+    if dist_info.enabled:
+        forward_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        forward_model = torch.compile(forward_model)
+    return Step(forward_model, build_loss(cfg.loss, gather_distributed=dist_info.enabled), optimizer,
+                scheduler, device, autocast, channels_last, cfg.optim.grad_clip, dist_info)
 
 
 def pretrain(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: bool = False,
@@ -332,19 +374,43 @@ def pretrain(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: 
     """
     if not cfg.data.source:
         raise ConfigError("no data given: pass --data PATH (or set data.source in the config)")
-    with RunFolder(out_dir) as run, torch_threads(cfg.train.threads):
-        run.prepare(resume=resume, overwrite=overwrite)
-        device = resolve_device(cfg.train.device)
-        source = open_source(cfg.data.source, download=cfg.data.download, max_pixels=cfg.data.max_image_pixels)
+    dist_info, rank_device = init_distributed(cfg.train.device)
+    try:
+        with quiet_unless_main(dist_info):
+            return _pretrain(cfg, out_dir, resume, overwrite, progress, dist_info, rank_device)
+    finally:
+        shutdown(dist_info)
+
+
+def _pretrain(cfg: Config, out_dir: str | Path, resume: bool, overwrite: bool, progress: bool,
+              dist_info: DistInfo, rank_device: Optional[torch.device]) -> Path:
+    if cfg.train.batch_size % dist_info.world_size:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} is the global batch and must be divisible "
+                          f"by the {dist_info.world_size} ranks")
+    progress = progress and dist_info.is_main
+    with RunFolder(out_dir, writer=dist_info.is_main) as run, torch_threads(cfg.train.threads):
+        main_first(dist_info, lambda: run.prepare(resume=resume, overwrite=overwrite))
+        device = rank_device or resolve_device(cfg.train.device)
+        def open_data():
+            # The file list (or the shards' member offsets) is kept in the run folder: a resumed
+            # or repeated run over a million files stats its folders instead of walking them.
+            return open_source(cfg.data.source, download=cfg.data.download, max_pixels=cfg.data.max_image_pixels,
+                               index_cache=run.path / FILE_INDEX)
+
+        source = main_first(dist_info, open_data)  # rank 0 writes the index, the others read it
+        source = open_data() if source is None else source
         source = random_subset(source, cfg.data.max_images)
         check_readable(source)
         if len(source) < cfg.train.batch_size:
             raise DataError(f"{cfg.data.source} has {len(source)} images, fewer than one batch of "
                             f"{cfg.train.batch_size}: lower --batch-size")
-        loader, sampler = build_loader(cfg, source, device, progress)
+        loader, sampler = build_loader(cfg, source, device, progress, dist_info)
 
         seed_everything(cfg.train.seed)
-        model = build_model(cfg.model, resolve_small_stem(cfg.model.small_stem, cfg.augment.input_size)).to(device)
+        model = build_model(cfg.model, resolve_small_stem(cfg.model.small_stem, cfg.augment.input_size))
+        if cfg.train.sync_batchnorm and dist_info.enabled:
+            model = convert_sync_batchnorm(model, device)
+        model = model.to(device)
         optimizer = build_optimizer(model, cfg.optim, cfg.train.batch_size)
         scheduler = build_scheduler(optimizer, cfg.optim, len(sampler), cfg.train.epochs)
         state = RunState()
@@ -355,12 +421,30 @@ def pretrain(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: 
             if resume:
                 log.info("no checkpoint in %s yet: starting fresh", run.path)
         run.write_config(cfg.to_dict())
-        log.info("run %s on %s: %s, %d epochs, peak lr %.4g", run.path, device, cfg.model.backbone,
+        log.info("run %s on %s%s: %s, %d epochs, peak lr %.4g", run.path, device,
+                 f" x {dist_info.world_size} ranks" if dist_info.enabled else "", cfg.model.backbone,
                  cfg.train.epochs, scaled_lr(cfg.optim, cfg.train.batch_size))
-        train_epochs(cfg, run, make_step(cfg, model, optimizer, scheduler, device), loader, sampler, state, progress)
-        export_backbone(run.backbone_file, model.backbone, backbone_info(cfg, model.feature_dim, state.epoch))
-        log.info("done: backbone written to %s; %d unreadable files skipped", run.backbone_file, len(state.skipped))
+        step = make_step(cfg, model, optimizer, scheduler, device, dist_info)
+        train_epochs(cfg, run, step, loader, sampler, state, progress)
+        if run.writer:
+            export_backbone(run.backbone_file, model.backbone, backbone_info(cfg, model.feature_dim, state.epoch))
+            log.info("done: backbone written to %s; %d unreadable files skipped", run.backbone_file,
+                     len(state.skipped))
+        barrier(dist_info)  # the others return once the backbone is on disk
         return run.backbone_file
+
+
+@contextmanager
+def quiet_unless_main(dist_info: DistInfo):
+    """Only rank 0 logs progress; the other ranks still report warnings and errors."""
+    logger = logging.getLogger("ssl_pretrain")
+    previous = logger.level
+    if not dist_info.is_main:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 @contextmanager
@@ -376,17 +460,17 @@ def torch_threads(count: Optional[int]):
 
 
 def train_epochs(cfg: Config, run: RunFolder, step: Step, loader, sampler, state: RunState, progress: bool) -> None:
-    monitor = build_monitor(cfg, step.device)
-    writer = tensorboard_writer(cfg, run)
+    monitor = build_monitor(cfg, step.device) if run.writer else None
+    writer = tensorboard_writer(cfg, run) if run.writer else None
     run_started, start_epoch = time.perf_counter(), state.epoch
     while state.epoch < cfg.train.epochs:
         record = run_epoch(cfg, run, step, loader, sampler, state, progress)
         check_finite_state(step.model, state, run)
         state.epoch, state.step_in_epoch = state.epoch + 1, 0
         if monitor and state.epoch % cfg.monitor.every_epochs == 0:
-            record["knn_top1"] = monitor(getattr(step.model, "_orig_mod", step.model).backbone)
+            record["knn_top1"] = monitor(unwrap(step.model).backbone)
         write_checkpoint(run, cfg, step.model, step.optimizer, step.scheduler, state)
-        if cfg.train.keep_every_epochs and state.epoch % cfg.train.keep_every_epochs == 0:
+        if run.writer and cfg.train.keep_every_epochs and state.epoch % cfg.train.keep_every_epochs == 0:
             payload = run.last_checkpoint.read_bytes()
             atomic_write(run.last_checkpoint.with_name(f"epoch-{state.epoch:04d}.pt"), lambda f: f.write(payload))
         run.append_metrics(record)

@@ -140,7 +140,8 @@ def _evaluate_on(folder, random_run: Path, out: Path) -> None:
                           "--quiet"])
     assert code == 0
     # Every kind of features (ssl, random init, pixels) saw every good image and named every bad one.
-    cached = sorted((out / "embeddings").glob("*-train-*.npz"))
+    cached = sorted((out / "embeddings").glob("*-train-*.npy"))
+    cached = [path for path in cached if path.name.count(".") == 1]  # not the .labels.npy beside them
     assert {path.name.split("-")[0] for path in cached} == {"ssl", "random_init", "pixels"}
     for path in cached:
         embeddings = load_embeddings(path)
