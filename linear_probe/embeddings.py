@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from linear_probe.errors import EvaluationError
 from ssl_pretrain.checkpoint import atomic_write
 from ssl_pretrain.data import UnreadableImage
+from ssl_pretrain.transforms import EvalTransform
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,10 @@ class _TransformedImages(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            return index, self.transform(self.source.load(index))
+            image = self.source.load(index)
+            # An EvalTransform is split: decode (and resize) here, normalise whole batches later.
+            return index, (self.transform.to_uint8(image) if isinstance(self.transform, EvalTransform)
+                           else self.transform(image))
         except UnreadableImage as error:
             return index, str(error)
 
@@ -165,7 +169,10 @@ def extract_embeddings(backbone: nn.Module, source, transform, batch_size: int =
                                                    disable=not progress, leave=False):
                 skipped += [(source.name(index), reason) for index, reason in bad]
                 if images is not None:
-                    features.append(backbone(images.to(device)).float().cpu().numpy())
+                    images = images.to(device, non_blocking=True)
+                    if isinstance(transform, EvalTransform):
+                        images = transform.normalise(images)
+                    features.append(backbone(images).float().cpu().numpy())
                     indices += batch_indices
     finally:
         for module, mode in modes.items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 import torchvision.transforms as T
 from lightly.transforms import SimCLRTransform
 
@@ -26,17 +28,39 @@ def build_view_transform(cfg: AugmentConfig) -> SimCLRTransform:
     )
 
 
-def build_eval_transform(input_size: int, mean, std) -> T.Compose:
+class EvalTransform(T.Compose):
+    """Resize the short side (bicubic), centre-crop, to tensor, normalise - as a torchvision
+    ``Compose``, and split in two for batch pipelines:
+
+    * ``to_uint8(image)``: the per-image part, ``(H, W, 3)`` uint8 (no resampling when the image
+      already has the input size, as CIFAR at 32 px);
+    * ``normalise(batch)``: ``(B, H, W, 3)`` uint8 -> ``(B, 3, H, W)`` float, on any device, in
+      a few whole-batch operations instead of per-image ``ToTensor`` and ``Normalize``.
+
+    ``normalise(stack(to_uint8(x)))`` equals ``stack(self(x))`` to float rounding.
+    """
+
+    def __init__(self, input_size: int, mean, std):
+        self.input_size, self.mean, self.std = input_size, tuple(mean), tuple(std)
+        self.geometry = T.Compose([T.Resize(input_size, interpolation=T.InterpolationMode.BICUBIC),
+                                   T.CenterCrop(input_size)])
+        super().__init__([self.geometry, T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))])
+
+    def to_uint8(self, image) -> torch.Tensor:
+        if image.size != (self.input_size, self.input_size):
+            image = self.geometry(image)
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+
+    def normalise(self, batch: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
+        return batch.permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std).contiguous()
+
+
+def build_eval_transform(input_size: int, mean, std) -> EvalTransform:
     """Deterministic transform for embeddings: resize the short side, centre-crop, normalise.
 
     For images no larger than the input size (CIFAR at 32 px) the resize is a plain resize, so
     nothing is cropped away.
     """
-    return T.Compose(
-        [
-            T.Resize(input_size, interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(input_size),
-            T.ToTensor(),
-            T.Normalize(mean=list(mean), std=list(std)),
-        ]
-    )
+    return EvalTransform(input_size, mean, std)

@@ -120,3 +120,21 @@ def test_file_names_that_are_not_utf8_are_fingerprinted_and_saved(tmp_path):
     save_embeddings(tmp_path / "e.npz", embeddings)
     assert load_embeddings(tmp_path / "e.npz").names == embeddings.names
     assert os.fsdecode(os.path.join(b"1", b"caf\xe9.png")) in embeddings.names
+
+
+def test_batched_eval_transform_equals_the_per_image_transform():
+    """Extraction decodes to uint8 per image and normalises whole batches: same numbers."""
+    from PIL import Image
+
+    from ssl_pretrain.data import digits_source
+    from ssl_pretrain.transforms import build_eval_transform
+
+    transform = build_eval_transform(16, (0.4, 0.45, 0.5), (0.2, 0.25, 0.3))
+    source = digits_source("train")
+    images = [source.load(i) for i in range(8)]  # 8x8: resized
+    images += [image.resize((16, 16)) for image in images]  # input size: no resampling
+    images += [image.resize((24, 40), Image.BICUBIC) for image in images[:4]]  # cropped
+    for group in (images[:8], images[8:16], images[16:]):
+        per_image = torch.stack([transform(image) for image in group])
+        batched = transform.normalise(torch.stack([transform.to_uint8(image) for image in group]))
+        torch.testing.assert_close(batched, per_image, rtol=0, atol=1e-6)
