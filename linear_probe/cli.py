@@ -12,7 +12,7 @@ import sys
 
 from linear_probe.errors import EvaluationError
 from linear_probe.evaluate import METHODS, EvaluationSettings, evaluate
-from linear_probe.knn import DEFAULT_NPROBE, EXACT_BELOW, INDEXES, KNN_PROTOCOLS
+from linear_probe.knn import DEFAULT_NPROBE, EXACT_BELOW, INDEXES, IVF_FROM_QUERIES, KNN_PROTOCOLS
 from linear_probe.splits import parse_label_budgets
 from ssl_pretrain.checkpoint import CheckpointError
 from ssl_pretrain.data import DataError
@@ -76,7 +76,7 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
     knn.add_argument("--knn-index", choices=INDEXES, default=DEFAULTS.knn_index,
                      help="exact; ivf (faiss IndexIVFFlat, 4*sqrt(N) lists) or hnsw (IndexHNSWFlat): approximate, "
                      "their recall@k against exact search is measured and written to results.json; auto: exact "
-                     f"below {EXACT_BELOW:,} training features, ivf from there")
+                     f"below {EXACT_BELOW:,} training features or {IVF_FROM_QUERIES:,} queries, ivf from there")
     knn.add_argument("--knn-nprobe", type=int, help=f"IVF lists scanned per query (default {DEFAULT_NPROBE}): more "
                      "means higher recall and slower search")
     linear = parser.add_argument_group("linear probe and fine-tuning (epochs chosen on validation)")

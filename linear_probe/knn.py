@@ -58,6 +58,7 @@ CHUNK_ROWS = 1 << 15
 """Training features normalised at a time on their way into a faiss index (64 MB at 512-d)."""
 INDEXES = ("auto", "exact", "ivf", "hnsw")
 EXACT_BELOW = 1_000_000
+IVF_FROM_QUERIES = 25_000
 """``index="auto"`` searches exactly below this many training features, with ``ivf`` from there."""
 IVF_TRAIN_POINTS_PER_LIST = 64
 """k-means sample per IVF list; faiss asks for 39 to 256. With 64, building the IVF index of a
@@ -212,9 +213,12 @@ def build_index(train_features, kind: str = "exact", nprobe: int | None = None, 
     return NeighbourIndex(kind, index, time.perf_counter() - start, settings)
 
 
-def resolve_index(index: str, count: int, backend: str = "auto", device_type: str = "cpu") -> str:
-    """``auto`` -> ``exact`` below ``EXACT_BELOW`` training features or when the search runs on
-    the torch back-end (a GPU searches a million exactly in seconds), else ``ivf``.
+def resolve_index(index: str, count: int, backend: str = "auto", device_type: str = "cpu",
+                  queries: int | None = None) -> str:
+    """``auto`` -> ``ivf`` from ``EXACT_BELOW`` training features and ``IVF_FROM_QUERIES`` queries
+    on the CPU, else ``exact``: building the IVF index of a million features costs about as much
+    as searching 25,000 queries exactly (scripts/bench_ann.py), and a GPU (the torch back-end)
+    searches a million exactly in seconds.
 
     Raises:
         ValueError: an unknown index, or an approximate one asked of the torch back-end.
@@ -223,7 +227,8 @@ def resolve_index(index: str, count: int, backend: str = "auto", device_type: st
         raise ValueError(f"unknown kNN index '{index}' ({', '.join(INDEXES)})")
     on_torch = backend == "torch" or (backend == "auto" and device_type != "cpu")
     if index == "auto":
-        return "exact" if count < EXACT_BELOW or on_torch else "ivf"
+        few_queries = queries is not None and queries < IVF_FROM_QUERIES
+        return "exact" if count < EXACT_BELOW or on_torch or few_queries else "ivf"
     if index != "exact" and backend == "torch":
         raise ValueError(f"the '{index}' index is a faiss index: use backend faiss or auto, not torch")
     return index
@@ -274,7 +279,7 @@ def _search(train_features, query_features, k: int, backend: str, batch_size: in
     if len(train_features) == 0:
         raise ValueError("kNN needs at least one training feature")
     target = torch.device(device) if device is not None else torch.device("cpu")
-    kind = resolve_index(index, len(train_features), backend, target.type)
+    kind = resolve_index(index, len(train_features), backend, target.type, len(query_features))
     k = min(k, len(train_features))
     if kind == "exact" and (backend == "torch" or (backend == "auto" and target.type != "cpu")):
         train = _normalised(train_features, device)

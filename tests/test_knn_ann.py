@@ -73,6 +73,9 @@ def test_streaming_exact_search_matches_brute_force(clustered, monkeypatch):
 
 def test_auto_is_exact_below_the_threshold():
     assert resolve_index("auto", EXACT_BELOW - 1) == "exact"
+    # a million features but few queries: building the IVF index costs more than it saves
+    assert resolve_index("auto", EXACT_BELOW, queries=10_000) == "exact"
+    assert resolve_index("auto", EXACT_BELOW, queries=100_000) == "ivf"
     assert resolve_index("auto", EXACT_BELOW) == "ivf"
     assert resolve_index("auto", EXACT_BELOW, backend="torch") == "exact"  # torch has exact search only
     assert resolve_index("auto", EXACT_BELOW, device_type="cuda") == "exact"
