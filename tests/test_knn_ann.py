@@ -106,6 +106,7 @@ def test_evaluation_records_recall_and_times_of_an_approximate_index(clustered, 
     exact = evaluate_knn(train, labels, queries, test_labels, 5, k=20)
     assert exact.chosen == {"k": 20, "temperature": 0.1}  # below the threshold: exact, as before
     monkeypatch.setattr(knn_module, "EXACT_BELOW", 10_000)
+    monkeypatch.setattr(knn_module, "IVF_FROM_QUERIES", 100)
     caplog.set_level("INFO", logger="linear_probe.knn")
     result = evaluate_knn(train, labels, queries, test_labels, 5, k=20, recall_queries=150)
     chosen = result.chosen
