@@ -5,7 +5,8 @@
 * bare:    forward + backward + step of the same model and batch on ready tensors (the ceiling);
 * ours:    the full pipeline of ``ssl-pretrain`` (read, decode, two views, step), as configured;
 * lightly: a loop written the way lightly's SimCLR example is (per-image ``SimCLRTransform`` in a
-           torchvision-style folder dataset, DataLoader workers, same backbone, batch and recipe).
+           torchvision-style folder dataset, DataLoader workers, same backbone, batch and recipe,
+           the model in fp32 and the default memory format, as the example leaves it).
 
 Images/s counts images (each image gives two views). Prints a Markdown table with the ratios.
 """
@@ -101,11 +102,14 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     ours_batches, _ = build_loader(cfg, source, device, progress=False)
     setup_seconds = time.perf_counter() - started
+    plain = load_config(args.config, [f"data.source={args.data}", *args.overrides, "train.channels_last=false",
+                                      "train.precision=fp32", "train.compile=false"])
     results = {
         "bare": timed_steps(bare_batches(cfg, device), fresh_step(cfg, device), args.warmup, args.steps, batch),
         "ours": timed_steps(endless(lambda: ours_batches), fresh_step(cfg, device), args.warmup, args.steps, batch),
+        # lightly's example trains the model as it comes: fp32, default memory format.
         "lightly-style": timed_steps(lightly_style_batches(source, cfg, args.lightly_workers),
-                                     fresh_step(cfg, device), args.warmup, args.steps, batch),
+                                     fresh_step(plain, device), args.warmup, args.steps, batch),
     }
     print(f"\n{date.today()} | {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, device {device} | {cfg.model.backbone} {cfg.augment.input_size}px "

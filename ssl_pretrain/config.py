@@ -33,10 +33,10 @@ class DataConfig(_Section):
     download: bool = False
     """Let torchvision download ``cifar10:``/``cifar100:``/``stl10:`` if missing (needs internet)."""
     pipeline: Literal["auto", "pil", "tensor"] = "auto"
-    """``tensor``: decode every image once into memory and augment whole batches with kornia on
-    the training device (fast; images of one size up to 64 px). ``pil``: per-image lightly/PIL
-    transforms in data-loader workers (any size, streams from disk). ``auto``: tensor when the
-    images are that small and fit in memory, else pil."""
+    """``tensor``: decode every image once into memory and augment whole batches on the training
+    device (fast; images of one size up to 64 px, at most 8 GB decoded). ``pil``: per-image
+    lightly/PIL transforms in data-loader workers (any size, streams from disk). ``auto``: tensor
+    when the images are that small and take under 2 GB decoded (CIFAR-10: 150 MB), else pil."""
     num_workers: int | Literal["auto"] = "auto"
     """Data loader processes; ``auto`` = one per core beyond the training thread, at most 8."""
     max_images: Optional[int] = Field(None, ge=1)

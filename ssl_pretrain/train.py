@@ -60,6 +60,10 @@ from ssl_pretrain.transforms import build_view_transform
 log = logging.getLogger("ssl_pretrain")
 
 FILE_INDEX = "file_index.txt"
+# data.pipeline=auto decodes small images into memory up to 2 GiB (CIFAR-10: 150 MB; a million
+# 32 px images, 3 GB, stream); data.pipeline=tensor forces it up to 8 GiB.
+TENSOR_PIPELINE_AUTO_BYTES = 2 * 2**30
+TENSOR_PIPELINE_MAX_BYTES = 8 * 2**30
 
 # Keys that may change when a run is resumed; anything else must match the saved config.
 RESUMABLE_CHANGES = {
@@ -135,11 +139,14 @@ def resolve_pipeline(cfg: Config, source) -> Optional[tuple[int, int]]:
     if cfg.data.pipeline == "pil":
         return None
     size = common_small_size(source)
-    fits = size is not None and len(source) * size[0] * size[1] * 3 < 8 * 2**30
-    if cfg.data.pipeline == "tensor" and not fits:
-        raise ConfigError("data.pipeline=tensor needs images of one size, up to 64 px, that fit in "
-                          "8 GB of memory; use data.pipeline=pil for these images")
-    return size if fits else None
+    decoded = len(source) * size[0] * size[1] * 3 if size is not None else None
+    if cfg.data.pipeline == "tensor":
+        if decoded is None or decoded >= TENSOR_PIPELINE_MAX_BYTES:
+            raise ConfigError("data.pipeline=tensor needs images of one size, up to 64 px, that fit in "
+                              "8 GB of memory; use data.pipeline=pil for these images")
+        return size
+    # auto: a large corpus streams from disk instead of being held in memory as images
+    return size if decoded is not None and decoded < TENSOR_PIPELINE_AUTO_BYTES else None
 
 
 def build_loader(cfg: Config, source, device: torch.device, progress: bool = True, dist_info: DistInfo = DistInfo()):

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -113,3 +114,71 @@ def test_batched_views_differ_are_seeded_and_normalised():
     other_a, _ = batch_views(images, augment, seed=6)
     assert torch.equal(view_a, again_a) and not torch.equal(view_a, other_a)
     assert -3 < view_a.mean() < 3 and view_a.std() > 0.3
+
+
+def test_batch_colour_jitter_is_torchvision_per_image():
+    """Reference: torchvision's functional colour ops, image by image, same factors and order."""
+    import torchvision.transforms.functional as TF
+
+    from ssl_pretrain.batch_transforms import BatchColorJitter
+
+    torch.manual_seed(0)
+    jitter = BatchColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8)
+    images = torch.rand(12, 3, 8, 8)
+    images[0] = 0.5  # grey: hue undefined, saturation zero
+    images[1, :, :4] = 1.0  # saturated and clipped pixels
+    orders = set()
+    for _ in range(8):
+        params = jitter.draw(len(images), "cpu")
+        orders.add(tuple(params["order"].tolist()))
+        expected = []
+        for i, image in enumerate(images):
+            for step in params["order"].tolist():
+                op, key = [(TF.adjust_brightness, "brightness"), (TF.adjust_contrast, "contrast"),
+                           (TF.adjust_saturation, "saturation"), (TF.adjust_hue, "hue")][step]
+                image = op(image, params[key][i].item())
+            expected.append(image)
+        torch.testing.assert_close(jitter.apply(images, params), torch.stack(expected), rtol=0, atol=1e-6)
+    assert len(orders) > 1
+    # About 80% of images are jittered; the others keep neutral factors and come back unchanged.
+    params = jitter.draw(10_000, "cpu")
+    share = (params["brightness"] != 1).float().mean().item()
+    assert 0.77 < share < 0.83
+    assert params["hue"].abs().max() <= 0.1 and (params["contrast"] - 1).abs().max() <= 0.4
+
+
+def test_batch_resized_crop_flip_is_torchvision_resized_crop():
+    """Reference: torchvision's resized_crop (bilinear) and hflip per image, same boxes. When a box
+    is smaller than the output, our sampling may reach half a pixel past the box edge (into the
+    image) where torchvision clamps to the box: only the outermost output pixels may differ."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    from ssl_pretrain.batch_transforms import BatchResizedCropFlip
+
+    torch.manual_seed(0)
+    crop = BatchResizedCropFlip(16, (0.08, 1.0))
+    images = torch.rand(64, 3, 32, 40)
+    params = crop.draw(len(images), 32, 40, "cpu")
+    out = crop.apply(images, params)
+    assert out.shape == (64, 3, 16, 16) and params["flip"].any() and not params["flip"].all()
+    for image, result, box, flip in zip(images, out, params["boxes"].tolist(), params["flip"].tolist()):
+        x0, y0, w, h = map(int, box)
+        assert 0 <= x0 and x0 + w <= 40 and 0 <= y0 and y0 + h <= 32
+        assert 0.08 * 32 * 40 * 0.9 <= w * h <= 32 * 40 and 3 / 4 * 0.8 <= w / h <= 4 / 3 * 1.2
+        expected = TF.resized_crop(image, y0, x0, h, w, [16, 16], InterpolationMode.BILINEAR, antialias=False)
+        expected = TF.hflip(expected) if flip else expected
+        torch.testing.assert_close(result[:, 1:-1, 1:-1], expected[:, 1:-1, 1:-1], rtol=0, atol=1e-5)
+        if w >= 16 and h >= 16:
+            torch.testing.assert_close(result, expected, rtol=0, atol=1e-5)
+    # The boxes follow torchvision's RandomResizedCrop.get_params (area and aspect quantiles).
+    from torchvision.transforms import RandomResizedCrop
+
+    boxes = crop.draw(20_000, 32, 32, "cpu")["boxes"].numpy()
+    reference = np.array([RandomResizedCrop.get_params(torch.zeros(3, 32, 32), [0.08, 1.0], [3 / 4, 4 / 3])
+                          for _ in range(20_000)], dtype=np.float32)  # (top, left, h, w)
+    ours_area, ref_area = boxes[:, 2] * boxes[:, 3], reference[:, 3] * reference[:, 2]
+    ours_aspect, ref_aspect = boxes[:, 2] / boxes[:, 3], reference[:, 3] / reference[:, 2]
+    for q in (0.1, 0.5, 0.9):
+        assert abs(np.quantile(ours_area, q) - np.quantile(ref_area, q)) < 0.03 * 1024
+        assert abs(np.quantile(ours_aspect, q) - np.quantile(ref_aspect, q)) < 0.05
