@@ -138,7 +138,7 @@ def test_batch_colour_jitter_is_torchvision_per_image():
                            (TF.adjust_saturation, "saturation"), (TF.adjust_hue, "hue")][step]
                 image = op(image, params[key][i].item())
             expected.append(image)
-        torch.testing.assert_close(jitter.apply(images, params), torch.stack(expected), rtol=0, atol=1e-6)
+        torch.testing.assert_close(jitter.apply(images, params), torch.stack(expected), rtol=0, atol=1e-5)
     assert len(orders) > 1
     # About 80% of images are jittered; the others keep neutral factors and come back unchanged.
     params = jitter.draw(10_000, "cpu")
