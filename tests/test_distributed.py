@@ -43,6 +43,9 @@ ARGS = [
     "--set", "model.backbone=smallconv", "--set", "model.proj_hidden_dim=64", "--set", "model.proj_output_dim=32",
     "--set", "loss.temperature=0.2", "--set", "optim.lr=0.5", "--set", "optim.warmup_epochs=0",
     "--set", "train.log_every_steps=1", "--set", "train.sync_batchnorm=true", "--set", "train.threads=1",
+    # the default memory format: channels-last picks other convolution kernels, whose float32
+    # rounding moves the second step's loss by ~1e-4 on these near-constant digits
+    "--set", "train.channels_last=false",
 ]
 
 
