@@ -254,6 +254,7 @@ def test_global_batchnorm_is_batchnorm_in_one_process():
 # Distributed extraction: each rank embeds a shard, rank 0 writes one file in the source's order.
 
 
+@pytest.mark.slow
 def test_two_rank_extraction_writes_the_single_process_file(tmp_path, digits_folder):
     import numpy as np
 
