@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from linear_probe.embeddings import Embeddings, extract_embeddings, save_embeddings
+from linear_probe.embeddings import Embeddings, _assemble, extract_embeddings, save_embeddings
 from linear_probe.errors import EvaluationError
 from ssl_pretrain.checkpoint import CheckpointError, load_backbone
 from ssl_pretrain.data import DataError, SubsetSource, open_source
@@ -65,19 +65,9 @@ def extract_embeddings_distributed(backbone: torch.nn.Module, source, transform,
         return None
     assert pieces is not None
     features = [p[0] for p in pieces if len(p[1])]
-    indices = np.concatenate([p[1] for p in pieces])
+    indices = [int(index) for p in pieces for index in p[1]]
     skipped = [pair for p in pieces for pair in p[2]]
-    if not features:
-        raise EvaluationError(f"none of the {len(source)} images could be read")
-    labels = getattr(source, "labels", None)
-    if skipped:
-        log.warning("%d of %d images could not be read and were skipped (first: %s: %s)",
-                    len(skipped), len(source), *skipped[0])
-    return Embeddings(
-        features=np.concatenate(features), labels=None if labels is None else np.asarray(labels)[indices],
-        names=[source.name(int(index)) for index in indices], skipped=skipped, indices=indices,
-        classes=list(getattr(source, "classes", [])),
-    )
+    return _assemble(source, indices, features, skipped)  # the same rows one process would give
 
 
 def build_parser() -> argparse.ArgumentParser:
