@@ -9,6 +9,10 @@
            the model in fp32 and the default memory format, as the example leaves it).
 
 Images/s counts images (each image gives two views). Prints a Markdown table with the ratios.
+
+``--sweep`` adds a second table: the bare step of the same model in each precision (fp32, bf16
+autocast) and memory format (default, channels-last), as ratios to fp32 / default format - the
+figures behind the preset's ``train.precision`` and ``train.channels_last`` choices.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from datetime import date
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ssl_pretrain.allocator import keep_freed_memory
 from ssl_pretrain.backbones import resolve_small_stem
 from ssl_pretrain.config import load_config
 from ssl_pretrain.data import open_source, random_subset
@@ -93,7 +98,13 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--images", type=int, default=20000, help="subset of the folder to use")
     parser.add_argument("--lightly-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time the bare step in fp32/bf16 x default/channels-last")
+    parser.add_argument("--sweep-only", action="store_true", help="only the precision/format sweep")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as ssl-pretrain does on a CPU (train.keep_freed_memory); the whole process
+    if args.sweep_only:
+        return sweep(args)
 
     cfg = load_config(args.config, [f"data.source={args.data}", *args.overrides])
     device = resolve_device(cfg.train.device)
@@ -117,8 +128,33 @@ def main(argv=None) -> int:
     print("| loop | images/s | vs bare | ours vs it |\n| --- | ---: | ---: | ---: |")
     for name, rate in results.items():
         print(f"| {name} | {rate:.1f} | {rate / results['bare']:.2f} | {results['ours'] / rate:.2f} |")
+    if args.sweep:
+        sweep(args, header=False)
     print(f"\nours: {setup_seconds:.1f} s to set up the pipeline for {len(source)} images "
           f"(decoding them once when data.pipeline resolves to tensor), not in the rates above.")
+    return 0
+
+
+def sweep(args, header: bool = True) -> int:
+    """Bare step in each precision x memory format, as ratios to fp32 in the default format."""
+    rates = {}
+    for precision in ("fp32", "bf16"):
+        for channels_last in (False, True):
+            cfg = load_config(args.config, [f"data.source={args.data}", *args.overrides,
+                                             f"train.precision={precision}",
+                                             f"train.channels_last={str(channels_last).lower()}"])
+            device = resolve_device(cfg.train.device)
+            rates[precision, channels_last] = timed_steps(bare_batches(cfg, device), fresh_step(cfg, device),
+                                                          args.warmup, args.steps, cfg.train.batch_size)
+    if header:
+        print(f"\n{date.today()} | {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+              f"torch {torch.__version__}, device {device} | {cfg.model.backbone} {cfg.augment.input_size}px "
+              f"batch {cfg.train.batch_size} | `python {' '.join(sys.argv)}`")
+    base = rates["fp32", False]
+    print("\n| bare step | memory format | images/s | vs fp32, default format |\n| --- | --- | ---: | ---: |")
+    for (precision, channels_last), rate in rates.items():
+        layout = "channels-last" if channels_last else "default"
+        print(f"| {precision} | {layout} | {rate:.1f} | {rate / base:.2f} |")
     return 0
 
 

@@ -1,11 +1,12 @@
-"""The SimCLR augmentation on whole batches of tensors (kornia), for in-memory small images.
+"""The SimCLR augmentation on whole batches of tensors, for in-memory small images.
 
 Per-image PIL work in data-loader processes is what limits SimCLR on small images: on a CPU the
 workers compete with training for the same cores, on a GPU they cannot feed tens of thousands
 of images a second. Here the images are decoded once into a uint8 tensor, and each batch is
 cropped, flipped, jittered and grey-scaled in a few batched tensor operations, on the training
 device. Same recipe and parameters as ``transforms.build_view_transform`` (lightly's
-``SimCLRTransform``); the colour jitter (ours, below) follows torchvision's semantics.
+``SimCLRTransform``); crop, jitter and grey-scale (ours, below) follow torchvision's semantics;
+kornia provides the Gaussian blur of the ImageNet recipe.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 
 
 def _gray(images: torch.Tensor) -> torch.Tensor:
+    """Luma ``(B, 1, H, W)`` with torchvision's weights."""
     r, g, b = images.unbind(dim=1)
     return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
 
@@ -34,18 +36,24 @@ def _shift_hue(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     Hue in sixths of a turn is ``(next - next2) / chroma + 2 * argmax`` (channels after the largest,
     cyclically; ties go to R, then G, as in torchvision); value and saturation are unchanged, so
     channel ``n`` of (R, G, B) = (5, 3, 1) comes back as ``max - chroma * clamp(min(k, 4 - k), 0, 1)``
-    with ``k = (n + hue6) mod 6``.
+    with ``k = (n + hue6) mod 6``. Written for a CPU: the three-channel part runs in place (fresh
+    multi-megabyte results cost page faults), no ``torch.remainder`` or ``where`` on three channels
+    (both slow there).
     """
     r, g, b = images[:, 0:1], images[:, 1:2], images[:, 2:3]
     maxc = torch.maximum(torch.maximum(r, g), b)
     chroma = maxc - torch.minimum(torch.minimum(r, g), b)
-    scale = 1.0 / torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    hue6 = torch.where(maxc == r, (g - b) * scale,
-                       torch.where(maxc == g, (b - r) * scale + 2.0, (r - g) * scale + 4.0))
-    hue6 = hue6 + 6.0 * turns.view(-1, 1, 1, 1)  # chroma 0: hue6 is 0 before the shift, as torchvision's
+    # chroma 0: every difference below is 0 too, so the hue is 0 before the shift, as torchvision's
+    scale = chroma.clamp_min(1e-12).reciprocal_()
+    hue6 = torch.where(maxc == r, (g - b).mul_(scale),
+                       torch.where(maxc == g, (b - r).mul_(scale).add_(2.0), (r - g).mul_(scale).add_(4.0)))
+    hue6.add_(6.0 * turns.view(-1, 1, 1, 1))
     offsets = torch.tensor([5.0, 3.0, 1.0], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(offsets + hue6, 6.0)
-    return maxc - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    k = hue6 + offsets
+    k.sub_(torch.floor_(k * (1.0 / 6.0)).mul_(6.0))  # mod 6; torch.remainder is slow on CPUs
+    # clamp(min(k, 4 - k), 0, 1) == clamp(2 - |k - 2|, 0, 1) on [0, 6), in place
+    k.sub_(2.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0)
+    return k.mul_(chroma).neg_().add_(maxc)
 
 
 class BatchColorJitter(nn.Module):
@@ -76,20 +84,21 @@ class BatchColorJitter(nn.Module):
                 "order": torch.randperm(4)}
 
     def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        images = images.clamp(0.0, 1.0)
+        images = images.clamp(0.0, 1.0)  # a new tensor: the steps below work in place on it
         for step in params["order"].tolist():
             if step == 0 and self.brightness > 0:
-                images = images * params["brightness"].view(-1, 1, 1, 1)
+                images.mul_(params["brightness"].view(-1, 1, 1, 1))
             elif step == 1 and self.contrast > 0:
                 mean = _gray(images).mean(dim=(1, 2, 3), keepdim=True)
                 factor = params["contrast"].view(-1, 1, 1, 1)
-                images = factor * images + (1 - factor) * mean
+                images.mul_(factor).add_((1 - factor) * mean)
             elif step == 2 and self.saturation > 0:
                 factor = params["saturation"].view(-1, 1, 1, 1)
-                images = factor * images + (1 - factor) * _gray(images)
+                gray = (1 - factor) * _gray(images)  # before images changes in place
+                images.mul_(factor).add_(gray)
             elif step == 3 and self.hue > 0:
                 images = _shift_hue(images, params["hue"])
-            images = images.clamp(0.0, 1.0)
+            images.clamp_(0.0, 1.0)
         return images
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -157,30 +166,65 @@ class BatchResizedCropFlip(nn.Module):
         return self.apply(images, self.draw(len(images), images.shape[2], images.shape[3], images.device))
 
 
+class BatchGrayscale(nn.Module):
+    """Random grey-scale with torchvision's weights (``RandomGrayscale``): each image, with
+    probability ``p``, becomes its luma in all three channels. One ``where`` for the batch (kornia's
+    ``RandomGrayscale`` costs more in per-call bookkeeping than the arithmetic)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.p <= 0:
+            return images
+        chosen = torch.rand(len(images), device=images.device) < self.p
+        return torch.where(chosen.view(-1, 1, 1, 1), _gray(images).expand_as(images), images)
+
+
+class BatchNormalize(nn.Module):
+    """``(images - mean) / std`` per channel, as one fused multiply-add."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.register_buffer("scale", 1.0 / std, persistent=False)
+        self.register_buffer("shift", -mean / std, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift.to(images.dtype), images, self.scale.to(images.dtype))
+
+
 def build_batch_augment(cfg: AugmentConfig) -> nn.Module:
     """Float images in [0, 1] ``(B, 3, H, W)`` -> one normalised random view ``(B, 3, S, S)``."""
     strength = cfg.cj_strength
     steps: list[nn.Module] = [
         BatchResizedCropFlip(cfg.input_size, (cfg.min_scale, 1.0), flip_prob=cfg.hflip_prob),
         BatchColorJitter(0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength, p=cfg.cj_prob),
-        K.RandomGrayscale(p=cfg.gray_prob),
+        BatchGrayscale(cfg.gray_prob),
     ]
     if cfg.blur_prob > 0:
         # lightly: kernel about 10% of the image, sigma in (0.1, 2)
         kernel = 2 * math.floor(0.05 * cfg.input_size) + 1
         steps.append(K.RandomGaussianBlur((kernel, kernel), sigma=(0.1, 2.0), p=cfg.blur_prob))
-    steps.append(K.Normalize(mean=torch.tensor(cfg.mean), std=torch.tensor(cfg.std)))
+    steps.append(BatchNormalize(cfg.mean, cfg.std))
     return nn.Sequential(*steps)
 
 
 def batch_views(images: torch.Tensor, augment: nn.Module, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Two independent views of a uint8 batch ``(B, H, W, 3)``, reproducible from ``seed``.
 
-    kornia draws from torch's global generator; seeding it per batch makes a resumed run draw
-    exactly what the uninterrupted run drew.
+    The steps draw from torch's global generator; seeding it per batch makes a resumed run draw
+    exactly what the uninterrupted run drew. Both views are augmented in one call on the batch
+    stacked twice (every parameter is drawn per image, so the two halves are independent views):
+    half the per-call overhead, which matters for small images on a CPU. (The colour jitter's
+    random order of its four steps is drawn per call, as kornia's, so the two views of a batch
+    share it; the factors themselves are drawn per image and view.)
     """
     floats = images.permute(0, 3, 1, 2).float().div_(255)
     torch.manual_seed(seed)
     if floats.device.type == "cuda":
         torch.cuda.manual_seed(seed)
-    return augment(floats), augment(floats)
+    views = augment(torch.cat((floats, floats)))
+    return views[: len(images)], views[len(images):]

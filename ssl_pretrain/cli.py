@@ -18,6 +18,7 @@ from ssl_pretrain.run_folder import RunFolderError, setup_console_logging
 EPILOG = """examples:
   ssl-pretrain --config configs/demo_digits.yaml --out runs/demo
   ssl-pretrain --data /data/images --config configs/cifar10_cpu.yaml --out runs/mine --epochs 50
+  ssl-pretrain --data /data/images --config configs/cifar10_cpu.yaml --out runs/15min --time-budget 15
   ssl-pretrain --data cifar10:/data/cifar --config configs/cifar10_resnet18.yaml --out runs/c10 \\
       --set optim.lr=0.3 --set loss.temperature=0.2
   ssl-pretrain ... --resume          # continue a killed run (starts fresh if it has no checkpoint)
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="run folder: config.yaml, metrics.jsonl, train.log, "
                         "checkpoints/, backbone.safetensors")
     parser.add_argument("--epochs", type=int, help="number of epochs (train.epochs)")
+    parser.add_argument("--time-budget", type=float, metavar="MINUTES", help="train for this many "
+                        "minutes of wall clock, decoding included: the learning-rate decay ends and the "
+                        "run stops there; --epochs becomes a cap (train.time_budget_minutes)")
     parser.add_argument("--batch-size", type=int, help="images per step; the learning rate scales "
                         "with it (train.batch_size; SimCLR gains from large batches: 256 to 4096)")
     parser.add_argument("--seed", type=int, help="seed for weights, data order and augmentation")
@@ -59,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_overrides(args: argparse.Namespace) -> list[str]:
     """The named flags are shorthands for config keys; they win over --set."""
     shorthands = {"data": "data.source", "epochs": "train.epochs", "batch_size": "train.batch_size",
-                  "seed": "train.seed", "device": "train.device"}
+                  "seed": "train.seed", "device": "train.device",
+                  "time_budget": "train.time_budget_minutes"}
     overrides = list(args.overrides)
     for flag, key in shorthands.items():
         value = getattr(args, flag)

@@ -152,6 +152,15 @@ def min_over_ranks(value: int, info: DistInfo, device: torch.device) -> int:
     return int(tensor.item())
 
 
+def max_over_ranks(value: float, info: DistInfo, device: torch.device) -> float:
+    """The largest of a float over ranks (the budget clock: every rank must see the same time)."""
+    if not info.enabled:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
 def gather_skipped(skipped: dict[str, str], info: DistInfo) -> dict[str, str]:
     """Every rank's unreadable files, merged (each rank reads only its shard of each batch)."""
     if not info.enabled:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import time
+from typing import Optional
 
 import torch
 from lightly.utils.lars import LARS
@@ -50,8 +52,69 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_scheduler(optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int):
-    """A per-step ``LambdaLR``; its state (the step count) is saved in checkpoints."""
+class BudgetClock:
+    """Wall-clock time of a run with a time budget (``train.time_budget_minutes``).
+
+    ``now`` is the run's elapsed time in seconds, carried over a resume (``used``: the time spent
+    before the last checkpoint) and updated once per step by ``tick`` - in a distributed run to
+    the largest over ranks, so every rank sees the same learning rate and stops at the same step.
+    ``warmup_end`` is the time at which the warm-up ended (the cosine decays from there to the
+    budget).
+    """
+
+    def __init__(self, budget_seconds: float, used: float = 0.0, warmup_end: Optional[float] = None):
+        self.budget, self.used, self.warmup_end = float(budget_seconds), float(used), warmup_end
+        self.started = time.perf_counter()
+        self.now = self.used
+        self.step_seconds = 0.0  # the last interval between two ticks (one training step)
+
+    def resume(self, state: dict) -> None:
+        """Continue from a checkpoint's ``state()``: its elapsed time counts against the budget."""
+        self.used, self.warmup_end = float(state["elapsed_s"]), state["warmup_end_s"]
+        self.now = self.used
+
+    def tick(self, sync=None) -> float:
+        """Read the clock (``sync``: a function making the reading the same on every rank)."""
+        now = self.used + time.perf_counter() - self.started
+        now = sync(now) if sync else now
+        self.step_seconds, self.now = max(now - self.now, 0.0), now
+        return self.now
+
+    def out_of_time(self) -> bool:
+        """Would one more step (as long as the last one) end past the budget?"""
+        return self.now + self.step_seconds >= self.budget
+
+    def progress(self) -> float:
+        """0 at the end of the warm-up, 1 at the budget."""
+        if self.warmup_end is None:
+            return 0.0
+        return (self.now - self.warmup_end) / max(self.budget - self.warmup_end, 1e-9)
+
+    def state(self) -> dict:
+        return {"budget_s": self.budget, "elapsed_s": self.now, "warmup_end_s": self.warmup_end}
+
+
+def budget_cosine(step: int, total_steps: int, warmup_steps: int, clock: BudgetClock) -> float:
+    """``warmup_cosine`` whose decay ends at the budget or at ``total_steps``, whichever comes
+    first: the cosine's progress is the larger of the two fractions."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if clock.warmup_end is None:
+        clock.warmup_end = clock.now
+    by_steps = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = max(by_steps, clock.progress())
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_scheduler(optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int,
+                    clock: Optional[BudgetClock] = None):
+    """A per-step ``LambdaLR``; its state (the step count) is saved in checkpoints.
+
+    With a ``clock`` (a time budget) the cosine decays over the budget's remaining time after the
+    warm-up (or over the epochs, if they end first).
+    """
     total = steps_per_epoch * epochs
     warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total)
+    if clock is not None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: budget_cosine(step, total, warmup, clock))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total, warmup))

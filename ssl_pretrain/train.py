@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import ssl_pretrain
+from ssl_pretrain.allocator import keep_freed_memory
 from ssl_pretrain.backbones import resolve_small_stem
 from ssl_pretrain.checkpoint import (
     BackboneInfo,
@@ -39,6 +40,7 @@ from ssl_pretrain.distributed import (
     gather_skipped,
     init_distributed,
     main_first,
+    max_over_ranks,
     mean_over_ranks,
     min_over_ranks,
     shutdown,
@@ -53,7 +55,7 @@ from ssl_pretrain.dataset import (
     worker_count,
 )
 from ssl_pretrain.model import SimCLR, build_loss, build_model
-from ssl_pretrain.optim import build_optimizer, build_scheduler, scaled_lr
+from ssl_pretrain.optim import BudgetClock, build_optimizer, build_scheduler, scaled_lr
 from ssl_pretrain.run_folder import RunFolder
 from ssl_pretrain.transforms import build_view_transform
 
@@ -67,7 +69,7 @@ TENSOR_PIPELINE_MAX_BYTES = 8 * 2**30
 
 # Keys that may change when a run is resumed; anything else must match the saved config.
 RESUMABLE_CHANGES = {
-    "train.epochs", "train.device", "train.threads", "train.log_every_steps", "train.tensorboard",
+    "train.epochs", "train.device", "train.threads", "train.keep_freed_memory", "train.log_every_steps", "train.tensorboard",
     "train.checkpoint_every_steps", "train.keep_every_epochs", "data.num_workers", "data.source",
     "monitor.train", "monitor.val", "monitor.every_epochs",
 }
@@ -195,13 +197,17 @@ def per_rank(sampler: EpochBatchSampler) -> str:
     return f" ({sampler.local_batch_size} on each of {sampler.world_size} ranks)"
 
 
-def restore(run: RunFolder, cfg: Config, model, optimizer, scheduler) -> RunState:
-    """Load ``last.pt`` into the model, optimiser and scheduler; return where to continue."""
+def restore(run: RunFolder, cfg: Config, model, optimizer, scheduler,
+            clock: Optional[BudgetClock] = None) -> RunState:
+    """Load ``last.pt`` into the model, optimiser, scheduler and budget clock; return where to
+    continue."""
     state = load_checkpoint(run.last_checkpoint)
     check_resume_compatible(state["config"], cfg.to_dict())
     load_state_dict_strict(model, state["model"], str(run.last_checkpoint))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if clock is not None and state.get("clock"):
+        clock.resume(state["clock"])
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(("MT19937", state["rng"]["numpy"].numpy().astype(np.uint32), *state["rng"]["numpy_pos"]))
     import random
@@ -226,7 +232,8 @@ def rng_states() -> dict[str, Any]:
     }
 
 
-def write_checkpoint(run: RunFolder, cfg: Config, model: SimCLR, optimizer, scheduler, state: RunState) -> None:
+def write_checkpoint(run: RunFolder, cfg: Config, model: SimCLR, optimizer, scheduler, state: RunState,
+                     clock: Optional[BudgetClock] = None) -> None:
     if not run.writer:
         return  # rank 0 writes for everyone
     model = unwrap(model)  # torch.compile, DistributedDataParallel
@@ -241,6 +248,7 @@ def write_checkpoint(run: RunFolder, cfg: Config, model: SimCLR, optimizer, sche
         "scheduler": scheduler.state_dict(),
         "rng": rng_states(),
         "skipped": dict(state.skipped),
+        "clock": clock.state() if clock is not None else None,
         "backbone_info": backbone_info(cfg, model.feature_dim, state.epoch).__dict__,
         "versions": {"ssl_pretrain": ssl_pretrain.__version__, "torch": str(torch.__version__)},
     })
@@ -259,6 +267,7 @@ class Step:
     channels_last: bool
     grad_clip: Optional[float]
     dist: DistInfo = field(default_factory=DistInfo)
+    clock: Optional[BudgetClock] = None  # train.time_budget_minutes
 
 
 def train_step(step: Step, views: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -303,9 +312,15 @@ def run_epoch(cfg: Config, run: RunFolder, step: Step, loader, sampler, state: R
     sampler.set_epoch(state.epoch, state.step_in_epoch)
     step.model.train()
     started, images_seen, loss_sum, steps_done = time.perf_counter(), 0, 0.0, 0
+    budget_reached = False
     bar = tqdm(loader, total=len(sampler), desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}",
                unit="step", disable=not (progress and step.dist.is_main), dynamic_ncols=True, leave=False)
     for batch in bar:
+        if step.clock is not None:
+            step.clock.tick(lambda seconds: max_over_ranks(seconds, step.dist, step.device))
+            if step.clock.out_of_time():
+                budget_reached = True
+                break
         for name, reason in batch["skipped"]:
             if name not in state.skipped:
                 state.skipped[name] = reason
@@ -332,10 +347,10 @@ def run_epoch(cfg: Config, run: RunFolder, step: Step, loader, sampler, state: R
                                 "lr": lr, "images_per_s": rate})
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
         if cfg.train.checkpoint_every_steps and state.global_step % cfg.train.checkpoint_every_steps == 0:
-            write_checkpoint(run, cfg, step.model, step.optimizer, step.scheduler, state)
+            write_checkpoint(run, cfg, step.model, step.optimizer, step.scheduler, state, step.clock)
     bar.close()
     state.skipped = gather_skipped(state.skipped, step.dist)
-    if steps_done == 0 and len(sampler) > 0:
+    if steps_done == 0 and len(sampler) > 0 and not budget_reached:
         raise DataError(f"no batch could be formed in epoch {state.epoch + 1}: "
                         f"{len(state.skipped)} unreadable files (see {run.log_file})")
     # len(sampler) == 0: killed after the epoch's last step checkpoint, before the epoch's own.
@@ -343,7 +358,7 @@ def run_epoch(cfg: Config, run: RunFolder, step: Step, loader, sampler, state: R
     return {"step": state.global_step, "epoch": state.epoch + 1,
             "loss_mean": loss_sum / steps_done if steps_done else None,
             "seconds": round(seconds, 3), "images_per_s": images_seen / seconds,
-            "skipped_files": len(state.skipped)}
+            "skipped_files": len(state.skipped), "budget_reached": budget_reached}
 
 
 def make_step(cfg: Config, model: SimCLR, optimizer, scheduler, device: torch.device,
@@ -397,9 +412,14 @@ def _pretrain(cfg: Config, out_dir: str | Path, resume: bool, overwrite: bool, p
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} is the global batch and must be divisible "
                           f"by the {dist_info.world_size} ranks")
     progress = progress and dist_info.is_main
+    # A time budget counts from here: preparing and decoding the data included.
+    clock = BudgetClock(60 * cfg.train.time_budget_minutes) if cfg.train.time_budget_minutes else None
     with RunFolder(out_dir, writer=dist_info.is_main) as run, torch_threads(cfg.train.threads):
         main_first(dist_info, lambda: run.prepare(resume=resume, overwrite=overwrite))
         device = rank_device or resolve_device(cfg.train.device)
+        if device.type == "cpu" and cfg.train.keep_freed_memory:
+            keep_freed_memory()
+
         def open_data():
             # The file list (or the shards' member offsets) is kept in the run folder: a resumed
             # or repeated run over a million files stats its folders instead of walking them.
@@ -421,19 +441,21 @@ def _pretrain(cfg: Config, out_dir: str | Path, resume: bool, overwrite: bool, p
             model = convert_sync_batchnorm(model, device)
         model = model.to(device)
         optimizer = build_optimizer(model, cfg.optim, cfg.train.batch_size)
-        scheduler = build_scheduler(optimizer, cfg.optim, len(sampler), cfg.train.epochs)
+        scheduler = build_scheduler(optimizer, cfg.optim, len(sampler), cfg.train.epochs, clock)
         state = RunState()
         if resume and run.last_checkpoint.exists():
-            state = restore(run, cfg, model, optimizer, scheduler)
+            state = restore(run, cfg, model, optimizer, scheduler, clock)
         else:
             run.trim_metrics(after_step=0)  # records of an attempt killed before its first checkpoint
             if resume:
                 log.info("no checkpoint in %s yet: starting fresh", run.path)
         run.write_config(cfg.to_dict())
-        log.info("run %s on %s%s: %s, %d epochs, peak lr %.4g", run.path, device,
+        budget = f" (at most; time budget {cfg.train.time_budget_minutes:g} min)" if clock else ""
+        log.info("run %s on %s%s: %s, %d epochs%s, peak lr %.4g", run.path, device,
                  f" x {dist_info.world_size} ranks" if dist_info.enabled else "", cfg.model.backbone,
-                 cfg.train.epochs, scaled_lr(cfg.optim, cfg.train.batch_size))
+                 cfg.train.epochs, budget, scaled_lr(cfg.optim, cfg.train.batch_size))
         step = make_step(cfg, model, optimizer, scheduler, device, dist_info)
+        step.clock = clock
         train_epochs(cfg, run, step, loader, sampler, state, progress)
         if run.writer:
             export_backbone(run.backbone_file, model.backbone, backbone_info(cfg, model.feature_dim, state.epoch))
@@ -475,10 +497,13 @@ def train_epochs(cfg: Config, run: RunFolder, step: Step, loader, sampler, state
     while state.epoch < cfg.train.epochs:
         record = run_epoch(cfg, run, step, loader, sampler, state, progress)
         check_finite_state(step.model, state, run)
+        if record.pop("budget_reached"):
+            stop_at_budget(cfg, run, step, state, record)
+            break
         state.epoch, state.step_in_epoch = state.epoch + 1, 0
         if monitor and state.epoch % cfg.monitor.every_epochs == 0:
             record["knn_top1"] = monitor(unwrap(step.model).backbone)
-        write_checkpoint(run, cfg, step.model, step.optimizer, step.scheduler, state)
+        write_checkpoint(run, cfg, step.model, step.optimizer, step.scheduler, state, step.clock)
         if run.writer and cfg.train.keep_every_epochs and state.epoch % cfg.train.keep_every_epochs == 0:
             payload = run.last_checkpoint.read_bytes()
             atomic_write(run.last_checkpoint.with_name(f"epoch-{state.epoch:04d}.pt"), lambda f: f.write(payload))
@@ -489,12 +514,24 @@ def train_epochs(cfg: Config, run: RunFolder, step: Step, loader, sampler, state
                     writer.add_scalar(f"pretrain/{key}", record[key], state.epoch)
         elapsed = time.perf_counter() - run_started
         eta = elapsed / (state.epoch - start_epoch) * (cfg.train.epochs - state.epoch)
+        if step.clock is not None:
+            eta = min(eta, max(step.clock.budget - step.clock.now, 0.0))
         knn = f", kNN top-1 {record['knn_top1']:.2%}" if "knn_top1" in record else ""
         loss = "n/a" if record["loss_mean"] is None else f"{record['loss_mean']:.4f}"
         log.info("epoch %d/%d: loss %s, %.0f images/s, %d skipped files%s, ETA %.0f s", state.epoch,
                  cfg.train.epochs, loss, record["images_per_s"], record["skipped_files"], knn, eta)
     if writer:
         writer.close()
+
+
+def stop_at_budget(cfg: Config, run: RunFolder, step: Step, state: RunState, record: dict) -> None:
+    """The time budget ran out (mid-epoch, or before an epoch's first step): checkpoint where the
+    run stands, so that the export and a resume see the same state."""
+    write_checkpoint(run, cfg, step.model, step.optimizer, step.scheduler, state, step.clock)
+    if record["loss_mean"] is not None:
+        run.append_metrics(record)
+    log.info("time budget of %g min reached after %d epochs and %d steps (%d steps in all): stopping",
+             cfg.train.time_budget_minutes, state.epoch, state.step_in_epoch, state.global_step)
 
 
 def tensorboard_writer(cfg: Config, run: RunFolder):

@@ -78,8 +78,8 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, monkeypatch, pipeline):
     killed = tmp_path / "killed"
     real_write = train_module.write_checkpoint
 
-    def write_then_die(run, cfg, model, optimizer, scheduler, state):
-        real_write(run, cfg, model, optimizer, scheduler, state)
+    def write_then_die(run, cfg, model, optimizer, scheduler, state, clock=None):
+        real_write(run, cfg, model, optimizer, scheduler, state, clock)
         if state.global_step == 6:  # epoch 2 of 4 steps each, half way
             raise KeyboardInterrupt
 

@@ -60,7 +60,7 @@ def test_a_kill_between_the_last_step_checkpoint_and_the_epoch_checkpoint(tmp_pa
     pretrain(tiny_config(*settings), tmp_path / "straight", progress=False)
     # Killed right after the first checkpoint at the end of epoch 1 (4 steps an epoch), as a
     # SIGKILL during the epoch-end write would leave it.
-    _kill_when(monkeypatch, "write_checkpoint", lambda run, cfg, model, optimizer, scheduler, state:
+    _kill_when(monkeypatch, "write_checkpoint", lambda run, cfg, model, optimizer, scheduler, state, clock=None:
                state.global_step == 4)
     with pytest.raises(KeyboardInterrupt):
         pretrain(tiny_config(*settings), tmp_path / "killed", progress=False)
@@ -84,7 +84,7 @@ def test_a_kill_before_the_first_checkpoint_lists_each_step_once(tmp_path, monke
 def test_a_torn_last_metrics_line_does_not_stop_a_resume(tmp_path, monkeypatch):
     run = tmp_path / "run"
     settings = ("train.epochs=2", "train.checkpoint_every_steps=2", *FAST)
-    _kill_when(monkeypatch, "write_checkpoint", lambda run, cfg, model, optimizer, scheduler, state:
+    _kill_when(monkeypatch, "write_checkpoint", lambda run, cfg, model, optimizer, scheduler, state, clock=None:
                state.global_step == 6)
     with pytest.raises(KeyboardInterrupt):
         pretrain(tiny_config(*settings), run, progress=False)
