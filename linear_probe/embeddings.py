@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from linear_probe.errors import EvaluationError
 from ssl_pretrain.checkpoint import atomic_write
-from ssl_pretrain.data import UnreadableImage
+from ssl_pretrain.data import DecodedSource, UnreadableImage
 from ssl_pretrain.transforms import EvalTransform
 
 log = logging.getLogger(__name__)
@@ -157,26 +157,52 @@ def extract_embeddings(backbone: nn.Module, source, transform, batch_size: int =
     Returns:
         ``Embeddings``; unreadable images are listed in ``skipped`` (and counted in the log).
     """
-    loader = DataLoader(_TransformedImages(source, transform), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_collate,
-                        pin_memory=torch.device(device).type == "cuda")
     modes = {module: module.training for module in backbone.modules()}
     backbone.eval()
-    indices, features, skipped = [], [], []
     try:
-        with torch.inference_mode():
-            for batch_indices, images, bad in tqdm(loader, desc="embeddings", unit="batch",
-                                                   disable=not progress, leave=False):
-                skipped += [(source.name(index), reason) for index, reason in bad]
-                if images is not None:
-                    images = images.to(device, non_blocking=True)
-                    if isinstance(transform, EvalTransform):
-                        images = transform.normalise(images)
-                    features.append(backbone(images).float().cpu().numpy())
-                    indices += batch_indices
+        decoded = _decoded_batches(source, transform)
+        if decoded is not None:
+            return _extract_decoded(backbone, source, transform, *decoded, batch_size, device, progress)
+        return _extract_streamed(backbone, source, transform, batch_size, device, num_workers, progress)
     finally:
         for module, mode in modes.items():
             module.training = mode
+
+
+def _decoded_batches(source, transform):
+    """The in-memory array of a ``DecodedSource`` whose images already have the transform's
+    size (nothing to resample: batches go straight to ``normalise``), else None."""
+    if not (isinstance(source, DecodedSource) and isinstance(transform, EvalTransform)
+            and source.size == (transform.input_size, transform.input_size)):
+        return None
+    return source.decoded()
+
+
+def _extract_decoded(backbone, source, transform, images, kept, skipped, batch_size, device, progress):
+    features = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(kept), batch_size), desc="embeddings", unit="batch",
+                          disable=not progress, leave=False):
+            batch = torch.from_numpy(images[start:start + batch_size]).to(device, non_blocking=True)
+            features.append(backbone(transform.normalise(batch)).float().cpu().numpy())
+    return _assemble(source, kept.tolist(), features, list(skipped))
+
+
+def _extract_streamed(backbone, source, transform, batch_size, device, num_workers, progress):
+    loader = DataLoader(_TransformedImages(source, transform), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=_collate,
+                        pin_memory=torch.device(device).type == "cuda")
+    indices, features, skipped = [], [], []
+    with torch.inference_mode():
+        for batch_indices, images, bad in tqdm(loader, desc="embeddings", unit="batch",
+                                               disable=not progress, leave=False):
+            skipped += [(source.name(index), reason) for index, reason in bad]
+            if images is not None:
+                images = images.to(device, non_blocking=True)
+                if isinstance(transform, EvalTransform):
+                    images = transform.normalise(images)
+                features.append(backbone(images).float().cpu().numpy())
+                indices += batch_indices
     return _assemble(source, indices, features, skipped)
 
 

@@ -34,7 +34,7 @@ from linear_probe.scoring import ProbeResult
 from linear_probe.splits import LabelBudget, parse_label_budgets, sample_label_subset, stratified_split
 from ssl_pretrain.backbones import build_backbone
 from ssl_pretrain.checkpoint import BackboneInfo, load_backbone
-from ssl_pretrain.data import SubsetSource, open_source
+from ssl_pretrain.data import DecodedSource, SubsetSource, common_small_size, open_source
 from ssl_pretrain.transforms import build_eval_transform
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,9 @@ SEED_FREE_METHODS = ("knn", "logreg")
 """Methods whose result depends on the labelled images alone (lbfgs is deterministic): where two
 seeds draw the same images (at 100% labels every seed does) they run once, and the row is repeated."""
 PIXEL_SIZE_CAP = 32
+IN_MEMORY_BYTES = 2 * 2**30
+"""Small images of one size are decoded once into memory for extraction up to this many bytes
+(CIFAR-10's 60,000 images: 184 MB), as ``data.pipeline=auto`` does for pretraining."""
 """Raw-pixel baseline at the checkpoint's input size, but at most 32 px (3,072 values): at 224 px
 it would be 150,528 values per image, too large for kNN and logistic regression to be useful."""
 
@@ -242,10 +245,13 @@ def extract_feature_sets(extractors, data: EvaluationData, cache_dir: Path | Non
     options = dict(batch_size=settings.batch_size, device=device, num_workers=settings.num_workers,
                    progress=settings.progress)
     feature_sets: dict[str, dict[str, Embeddings]] = {}
+    # Small images of one size are decoded once and shared by every kind of features (a JPEG's
+    # decoding costs more than a small backbone's forward pass); lazily, so a cache hit reads none.
+    sources = {key: decoded_in_memory(source) for key, source in data.sources.items()}
     for kind, (module, transform) in extractors.items():
         module.to(device)
         feature_sets[kind] = {}
-        for key, source in data.sources.items():
+        for key, source in sources.items():
             log.info("embeddings: %s features of %s (%d images)", kind, key, len(source))
             if cache_dir is None:
                 embeddings = extract_embeddings(module, source, transform, **options)
@@ -254,6 +260,15 @@ def extract_feature_sets(extractors, data: EvaluationData, cache_dir: Path | Non
                                                fingerprints[key], module, source, transform, **options)
             feature_sets[kind][key] = embeddings
     return feature_sets
+
+
+def decoded_in_memory(source):
+    """``source`` as a ``DecodedSource`` when its images are small (up to 64 px) and of one size,
+    and all of them fit in ``IN_MEMORY_BYTES``; else ``source`` itself."""
+    size = common_small_size(source)
+    if size is None or len(source) * size[0] * size[1] * 3 > IN_MEMORY_BYTES:
+        return source
+    return DecodedSource(source, size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -222,6 +222,75 @@ class SubsetSource:
         return SubsetSource(self.source, self.indices[np.asarray(positions, dtype=np.int64)])
 
 
+class DecodedSource:
+    """Another source decoded once into memory, on first use: ``load`` then serves PIL images
+    from a uint8 array and ``decoded()`` hands batch pipelines the array itself.
+
+    For evaluations that embed the same images several times (the pretrained backbone, a random
+    one, raw pixels) or that are limited by JPEG decoding: each file is read and decoded once.
+    Only images that all share one size are held (``decoded()`` is ``None`` otherwise, and every
+    call goes to the wrapped source); unreadable files keep their reason and raise it on ``load``.
+
+    Args:
+        source: any image source (``len``, ``load``, ``name``, optional ``labels``/``classes``).
+        size: ``(width, height)`` the images are expected to have (``common_small_size``).
+    """
+
+    def __init__(self, source: ImageSource, size: tuple[int, int]):
+        self.source, self.size = source, tuple(size)
+        self.labels = getattr(source, "labels", None)
+        self.classes = list(getattr(source, "classes", []))
+        self._images: np.ndarray | None = None
+        self._rows: np.ndarray | None = None  # index -> row of _images, -1 when unreadable
+        self._reasons: dict[int, str] = {}
+        self._tried = False
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def name(self, index: int) -> str:
+        return self.source.name(index)
+
+    def decoded(self) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]] | None:
+        """``(images (N_ok, H, W, 3) uint8, kept indices, skipped (name, reason))``, decoding on the
+        first call; ``None`` when the images do not all have ``size``."""
+        if not self._tried:
+            self._tried = True
+            self._decode()
+        if self._images is None:
+            return None
+        kept = np.flatnonzero(self._rows >= 0)
+        return self._images, kept, [(self.source.name(i), reason) for i, reason in sorted(self._reasons.items())]
+
+    def _decode(self) -> None:
+        width, height = self.size
+        images = np.empty((len(self.source), height, width, 3), dtype=np.uint8)
+        rows = np.full(len(self.source), -1, dtype=np.int64)
+        count = 0
+        for index in range(len(self.source)):
+            try:
+                image = self.source.load(index)
+            except UnreadableImage as error:
+                self._reasons[index] = str(error)
+                continue
+            if image.size != self.size:
+                log.info("%s is %dx%d, not %dx%d like the others: images are decoded as they are needed",
+                         self.source.name(index), *image.size, width, height)
+                self._reasons.clear()
+                return
+            images[count], rows[index] = np.asarray(image, dtype=np.uint8), count
+            count += 1
+        self._images = images[:count] if count < len(images) else images
+        self._rows = rows
+
+    def load(self, index: int) -> Image.Image:
+        if self.decoded() is None:
+            return self.source.load(index)
+        if self._rows[index] < 0:
+            raise UnreadableImage(self._reasons[index])
+        return Image.fromarray(self._images[self._rows[index]], mode="RGB")
+
+
 def random_subset(source: ImageSource, count: int | None, seed: int = 0) -> ImageSource:
     """``count`` images drawn without replacement with a fixed seed, in their original order."""
     if count is None or count >= len(source):

@@ -138,3 +138,74 @@ def test_batched_eval_transform_equals_the_per_image_transform():
         per_image = torch.stack([transform(image) for image in group])
         batched = transform.normalise(torch.stack([transform.to_uint8(image) for image in group]))
         torch.testing.assert_close(batched, per_image, rtol=0, atol=1e-6)
+
+
+def _digits_16px(folder):
+    from conftest import write_digit_images
+
+    write_digit_images(folder, 120, size=16)
+    (folder / "3" / "broken.png").write_bytes(b"not a png at all")
+    return open_source(str(folder), labelled=True)
+
+
+def test_images_decoded_once_in_memory_give_the_same_embeddings(tmp_path, random_checkpoint):
+    from linear_probe.evaluate import decoded_in_memory
+    from ssl_pretrain.data import DecodedSource, UnreadableImage
+
+    source = _digits_16px(tmp_path / "data")
+    backbone, _ = load_backbone(random_checkpoint)
+    plain = extract_embeddings(backbone, source, TRANSFORM, batch_size=32, progress=False)
+    plain_pixels = extract_embeddings(torch.nn.Flatten(), source, TRANSFORM, batch_size=32, progress=False)
+
+    decoded = decoded_in_memory(source)
+    assert isinstance(decoded, DecodedSource) and decoded.size == (16, 16)
+    reads = {"n": 0}
+    real_load = source.load
+
+    def counting_load(index):
+        reads["n"] += 1
+        return real_load(index)
+
+    source.load = counting_load
+    first = extract_embeddings(backbone, decoded, TRANSFORM, batch_size=32, progress=False)
+    pixels = extract_embeddings(torch.nn.Flatten(), decoded, TRANSFORM, batch_size=32, progress=False)
+    assert reads["n"] == len(source)  # one decode for both feature sets
+    np.testing.assert_allclose(first.features, plain.features, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(pixels.features, plain_pixels.features)
+    for embeddings in (first, pixels):
+        assert embeddings.names == plain.names and embeddings.skipped == plain.skipped
+        np.testing.assert_array_equal(embeddings.indices, plain.indices)
+        np.testing.assert_array_equal(embeddings.labels, plain.labels)
+    # load() serves the decoded pixels, and an unreadable file's reason
+    broken = [i for i in range(len(source)) if source.name(i).endswith("broken.png")][0]
+    with pytest.raises(UnreadableImage, match="not an image"):
+        decoded.load(broken)
+    assert np.array_equal(np.asarray(decoded.load(0)), np.asarray(real_load(0)))
+    assert reads["n"] == len(source)  # served from memory
+
+
+def test_images_of_several_sizes_are_decoded_as_needed(tmp_path, random_checkpoint):
+    from PIL import Image
+
+    from ssl_pretrain.data import DecodedSource
+
+    source = _digits_16px(tmp_path / "data")
+    Image.new("RGB", (20, 24), (200, 10, 10)).save(tmp_path / "data" / "7" / "zz_larger.png")
+    source = open_source(str(tmp_path / "data"), labelled=True)
+    backbone, _ = load_backbone(random_checkpoint)
+    decoded = DecodedSource(source, (16, 16))
+    assert decoded.decoded() is None
+    plain = extract_embeddings(backbone, source, TRANSFORM, batch_size=32, progress=False)
+    through = extract_embeddings(backbone, decoded, TRANSFORM, batch_size=32, progress=False)
+    np.testing.assert_allclose(through.features, plain.features, rtol=1e-4, atol=1e-5)
+    assert through.names == plain.names and through.skipped == plain.skipped
+
+
+def test_only_small_images_of_one_size_are_held_in_memory(digits_folders, monkeypatch):
+    import linear_probe.evaluate as evaluate_module
+    from ssl_pretrain.data import DecodedSource
+
+    source = open_source(str(digits_folders[1]), labelled=True)  # 8x8 digits
+    assert isinstance(evaluate_module.decoded_in_memory(source), DecodedSource)
+    monkeypatch.setattr(evaluate_module, "IN_MEMORY_BYTES", len(source) * 8 * 8 * 3 - 1)
+    assert evaluate_module.decoded_in_memory(source) is source
