@@ -30,9 +30,11 @@ def test_gpu_benchmark_script_at_a_tiny_size_on_cpu(tmp_path, capsys):
 def test_throughput_script_compares_three_loops(digits_folder, capsys):
     assert _load("bench_throughput").main(["--data", str(digits_folder), "--config", "configs/demo_digits.yaml",
                                            "--steps", "2", "--warmup", "1", "--images", "200",
-                                           "--set", "train.batch_size=32", "--lightly-workers", "0"]) == 0
+                                           "--set", "train.batch_size=32", "--lightly-workers", "0", "--sweep"]) == 0
     table = capsys.readouterr().out
     assert "| bare |" in table and "| ours |" in table and "| lightly-style |" in table
+    sweep = [line for line in table.splitlines() if line.startswith(("| fp32 |", "| bf16 |"))]
+    assert len(sweep) == 4 and sweep[0].endswith("| 1.00 |")  # the four combinations, fp32 default first
 
 
 def test_knn_benchmark_script_agrees_across_methods(capsys):
@@ -46,4 +48,7 @@ def test_knn_benchmark_script_agrees_across_methods(capsys):
 
 def test_extract_benchmark_script(digits_folder, capsys):
     assert _load("bench_extract").main(["--data", str(digits_folder), "--images", "128", "--batch-size", "64"]) == 0
-    assert "| extract_embeddings |" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    # the 16 px digit files all have one size: both the file pass and the in-memory pass are timed
+    assert "| extract_embeddings, from files (0 workers) |" in table
+    assert "| extract_embeddings, decoded once in memory |" in table and "decoding the 128 images" in table
