@@ -34,7 +34,7 @@ from linear_probe.scoring import ProbeResult
 from linear_probe.splits import LabelBudget, parse_label_budgets, sample_label_subset, stratified_split
 from ssl_pretrain.backbones import build_backbone
 from ssl_pretrain.checkpoint import BackboneInfo, load_backbone
-from ssl_pretrain.data import DecodedSource, SubsetSource, common_small_size, open_source
+from ssl_pretrain.data import DecodedSource, SubsetSource, common_small_size, decode_workers, open_source
 from ssl_pretrain.transforms import build_eval_transform
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ def decoded_in_memory(source):
     size = common_small_size(source)
     if size is None or len(source) * size[0] * size[1] * 3 > IN_MEMORY_BYTES:
         return source
-    return DecodedSource(source, size)
+    return DecodedSource(source, size, workers=decode_workers())
 
 
 # ---------------------------------------------------------------------------------------------

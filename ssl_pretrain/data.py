@@ -234,10 +234,11 @@ class DecodedSource:
     Args:
         source: any image source (``len``, ``load``, ``name``, optional ``labels``/``classes``).
         size: ``(width, height)`` the images are expected to have (``common_small_size``).
+        workers: decoding processes (``decode_all``).
     """
 
-    def __init__(self, source: ImageSource, size: tuple[int, int]):
-        self.source, self.size = source, tuple(size)
+    def __init__(self, source: ImageSource, size: tuple[int, int], workers: int = 0):
+        self.source, self.size, self.workers = source, tuple(size), workers
         self.labels = getattr(source, "labels", None)
         self.classes = list(getattr(source, "classes", []))
         self._images: np.ndarray | None = None
@@ -263,32 +264,22 @@ class DecodedSource:
         return self._images, kept, [(self.source.name(i), reason) for i, reason in sorted(self._reasons.items())]
 
     def _decode(self) -> None:
-        width, height = self.size
-        images = np.empty((len(self.source), height, width, 3), dtype=np.uint8)
-        rows = np.full(len(self.source), -1, dtype=np.int64)
-        count = 0
-        for index in range(len(self.source)):
-            try:
-                image = self.source.load(index)
-            except UnreadableImage as error:
-                self._reasons[index] = str(error)
-                continue
-            if image.size != self.size:
-                log.info("%s is %dx%d, not %dx%d like the others: images are decoded as they are needed",
-                         self.source.name(index), *image.size, width, height)
-                self._reasons.clear()
-                return
-            images[count], rows[index] = np.asarray(image, dtype=np.uint8), count
-            count += 1
-        self._images = images[:count] if count < len(images) else images
-        self._rows = rows
+        decoded = decode_all(self.source, self.size, progress=False, workers=self.workers, resize=False)
+        if decoded is None:
+            log.info("images of several sizes: decoded as they are needed, not held in memory")
+            return
+        self._images, kept, skipped = decoded
+        self._rows = np.full(len(self.source), -1, dtype=np.int64)
+        self._rows[kept] = np.arange(len(kept))
+        # skipped is in source order, as are the indices that were not kept
+        self._reasons = {int(index): reason for index, (_, reason) in zip(np.flatnonzero(self._rows < 0), skipped)}
 
     def load(self, index: int) -> Image.Image:
         if self.decoded() is None:
             return self.source.load(index)
         if self._rows[index] < 0:
             raise UnreadableImage(self._reasons[index])
-        return Image.fromarray(self._images[self._rows[index]], mode="RGB")
+        return Image.fromarray(self._images[self._rows[index]])
 
 
 def random_subset(source: ImageSource, count: int | None, seed: int = 0) -> ImageSource:
@@ -444,39 +435,93 @@ def check_readable(source: ImageSource, probe: int = 64) -> None:
 # Decoding a whole source into memory (small images)
 
 
-def _decode_one(args: tuple[ImageSource, int, tuple[int, int]]):
-    source, index, size = args
+def _decode_one(args: tuple[ImageSource, int, tuple[int, int], bool]):
+    """``(index, pixels or None, reason or None)``; ``pixels`` is ``"size"`` when the image has
+    another size and ``resize`` is off."""
+    source, index, size, resize = args
     try:
         image = source.load(index)
     except UnreadableImage as error:
         return index, None, str(error)
     if image.size != size:
+        if not resize:
+            return index, "size", f"{image.size[0]}x{image.size[1]}"
         image = image.resize(size, Image.BICUBIC)
     return index, np.asarray(image, dtype=np.uint8), None
 
 
-def decode_all(source: ImageSource, size: tuple[int, int], progress: bool = True):
+class _Decoder:
+    """``index -> _decode_one(...)``, a map-style dataset for decoding in loader workers."""
+
+    def __init__(self, source: ImageSource, size: tuple[int, int], resize: bool):
+        self.source, self.size, self.resize = source, size, resize
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        return _decode_one((self.source, index, self.size, self.resize))
+
+
+def _as_list(batch):
+    return batch
+
+
+PARALLEL_DECODE_FROM = 4096
+"""Fewer images than this are decoded in the calling process (starting workers costs more)."""
+
+
+def decode_workers(ranks_per_machine: int = 1) -> int:
+    """Processes for decoding before training starts: this process's share of the machine's cores
+    (nothing else runs yet), at most 8."""
+    return max(1, min(8, (os.cpu_count() or 1) // max(1, ranks_per_machine)))
+
+
+def decode_all(source: ImageSource, size: tuple[int, int], progress: bool = True, workers: int = 0,
+               resize: bool = True):
     """Decode every image of ``source`` into one uint8 array ``(N_ok, H, W, 3)``.
 
     Images of another size are resized to ``size`` (width, height); unreadable ones are left
-    out. About 0.3 ms an image for 32 px JPEGs (15 s for CIFAR-10's 50,000), done once a run.
+    out. About 0.3 ms an image for 32 px JPEGs on one core (15 s for CIFAR-10's 50,000), done
+    once a run; ``workers`` > 1 spreads it over loader processes (in source order).
+
+    Args:
+        resize: off: an image of another size stops the decoding and the result is ``None``.
 
     Returns:
-        ``(images, kept_indices, skipped)`` with ``skipped`` a list of ``(name, reason)``.
+        ``(images, kept_indices, skipped)`` with ``skipped`` a list of ``(name, reason)``, or
+        ``None`` (only with ``resize=False``).
     """
+    from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     if isinstance(source, ArraySource) and source.images.ndim == 4 and source.images.shape[1:3] == size[::-1]:
         return source.images, np.arange(len(source)), []
-    images = np.zeros((len(source), size[1], size[0], 3), dtype=np.uint8)
+    images = np.empty((len(source), size[1], size[0], 3), dtype=np.uint8)
     ok = np.zeros(len(source), dtype=bool)
     skipped = []
-    for index in tqdm(range(len(source)), desc="decoding", unit="img", disable=not progress, leave=False):
-        _, pixels, reason = _decode_one((source, index, size))
-        if pixels is None:
-            skipped.append((source.name(index), reason))
-        else:
-            images[index], ok[index] = pixels, True
+    decoder = _Decoder(source, size, resize)
+    if workers > 1 and len(source) >= PARALLEL_DECODE_FROM:
+        loader = DataLoader(decoder, batch_size=256, num_workers=workers, collate_fn=_as_list)
+        batches = iter(loader)
+    else:
+        batches = (decoder[index] for index in range(len(source)))
+        batches = ([item] for item in batches)
+    bar = tqdm(total=len(source), desc="decoding", unit="img", disable=not progress, leave=False)
+    try:
+        for batch in batches:
+            for index, pixels, reason in batch:
+                if isinstance(pixels, str):
+                    log.info("%s is %s, not %dx%d like the others", source.name(index), reason, *size)
+                    return None
+                if pixels is None:
+                    skipped.append((source.name(index), reason))
+                else:
+                    images[index], ok[index] = pixels, True
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        del batches  # stops the loader's workers at once when decoding ended early
     kept = np.flatnonzero(ok)
     return (images[kept] if len(kept) < len(source) else images), kept, skipped
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -32,7 +33,15 @@ from ssl_pretrain.checkpoint import (
 )
 from ssl_pretrain.config import Config, ConfigError
 from ssl_pretrain.batch_transforms import build_batch_augment
-from ssl_pretrain.data import DataError, check_readable, common_small_size, decode_all, open_source, random_subset
+from ssl_pretrain.data import (
+    DataError,
+    check_readable,
+    common_small_size,
+    decode_all,
+    decode_workers,
+    open_source,
+    random_subset,
+)
 from ssl_pretrain.distributed import (
     DistInfo,
     barrier,
@@ -161,7 +170,10 @@ def build_loader(cfg: Config, source, device: torch.device, progress: bool = Tru
     """
     size = resolve_pipeline(cfg, source)
     if size is not None:
-        images, _, skipped = decode_all(source, size, progress=progress)
+        # Nothing else runs yet: this rank's share of the machine's cores decodes (torchrun sets
+        # LOCAL_WORLD_SIZE, the ranks on this machine).
+        workers = decode_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        images, _, skipped = decode_all(source, size, progress=progress, workers=workers)
         if len(images) < cfg.train.batch_size:
             raise DataError(f"only {len(images)} readable images, fewer than one batch of {cfg.train.batch_size}")
         sampler = EpochBatchSampler(len(images), cfg.train.batch_size, cfg.train.seed, dist_info.rank,

@@ -162,3 +162,26 @@ def test_random_subset_is_fixed_and_keeps_labels():
     assert len(first) == 100 and np.array_equal(first.indices, second.indices)
     assert np.array_equal(first.labels, source.labels[first.indices])
     assert random_subset(source, None) is source
+
+
+def test_decoding_in_worker_processes_gives_the_same_array(tmp_path, monkeypatch):
+    import ssl_pretrain.data as data_module
+    from conftest import write_digit_images
+    from ssl_pretrain.data import decode_all
+
+    write_digit_images(tmp_path / "data", 60, size=16)
+    (tmp_path / "data" / "4" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    source = open_source(str(tmp_path / "data"), labelled=True)
+    serial = decode_all(source, (16, 16), progress=False)
+    monkeypatch.setattr(data_module, "PARALLEL_DECODE_FROM", 1)
+    parallel = decode_all(source, (16, 16), progress=False, workers=2)
+    np.testing.assert_array_equal(parallel[0], serial[0])
+    np.testing.assert_array_equal(parallel[1], serial[1])
+    assert parallel[2] == serial[2] and len(serial[2]) == 1 and serial[2][0][0].endswith("broken.png")
+    assert len(serial[1]) == 60
+    # Without resizing, an image of another size ends the decoding (serial and parallel alike).
+    Image.new("RGB", (20, 16)).save(tmp_path / "data" / "9" / "zz_wide.png")
+    source = open_source(str(tmp_path / "data"), labelled=True)
+    assert decode_all(source, (16, 16), progress=False, workers=2, resize=False) is None
+    assert decode_all(source, (16, 16), progress=False, resize=False) is None
+    assert decode_all(source, (16, 16), progress=False, workers=2)[0].shape == (61, 16, 16, 3)  # resized
