@@ -32,6 +32,7 @@ from linear_probe.logreg import evaluate_logreg
 from linear_probe.report import format_table, make_row, summarise, write_report
 from linear_probe.scoring import ProbeResult
 from linear_probe.splits import LabelBudget, parse_label_budgets, sample_label_subset, stratified_split
+from ssl_pretrain.allocator import keep_freed_memory
 from ssl_pretrain.backbones import build_backbone
 from ssl_pretrain.checkpoint import BackboneInfo, load_backbone
 from ssl_pretrain.data import DecodedSource, SubsetSource, common_small_size, decode_workers, open_source
@@ -435,6 +436,8 @@ def evaluate(checkpoint: str | Path, train: str, out_dir: str | Path, *, test: s
     """
     settings = settings or EvaluationSettings()
     out_dir, device = Path(out_dir), resolve_device(settings.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as pretraining does: no page faults for every batch's activations
     backbone, info = load_backbone(checkpoint)
     data = open_evaluation_data(train, test, val, settings)
     extractors = build_feature_extractors(backbone.to(device), info, settings)

@@ -87,7 +87,10 @@ def _decode_or_explain(opened, max_pixels: int) -> Image.Image:
         raise UnreadableImage(f"decompression bomb: {error}") from None
     except Image.UnidentifiedImageError:
         raise UnreadableImage("not an image Pillow can identify") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
+    except Exception as error:  # noqa: BLE001 - any decoder failure on a malformed file
+        # Pillow's plugins raise OSError, SyntaxError, ValueError, EOFError - and, on mutated
+        # headers, TypeError, IndexError, struct.error... (a TIFF whose strip offsets are typed
+        # RATIONAL: TypeError, found by the deep fuzz test). A file is unreadable, not fatal.
         raise UnreadableImage(f"{type(error).__name__}: {error}") from None
 
 

@@ -52,9 +52,13 @@ class EvalTransform(T.Compose):
         return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
 
     def normalise(self, batch: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
-        return batch.permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std).contiguous()
+        # channel-first uint8 copy (a quarter of the bytes), then one fused multiply-add:
+        # (x / 255 - mean) / std == x * (1 / (255 std)) + (-mean / std)
+        mean = torch.tensor(self.mean, dtype=torch.float64).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float64).view(1, 3, 1, 1)
+        scale = (1.0 / (255.0 * std)).float().to(batch.device)
+        shift = (-mean / std).float().to(batch.device)
+        return torch.addcmul(shift, batch.permute(0, 3, 1, 2).contiguous().float(), scale)
 
 
 def build_eval_transform(input_size: int, mean, std) -> EvalTransform:

@@ -185,3 +185,24 @@ def test_decoding_in_worker_processes_gives_the_same_array(tmp_path, monkeypatch
     assert decode_all(source, (16, 16), progress=False, workers=2, resize=False) is None
     assert decode_all(source, (16, 16), progress=False, resize=False) is None
     assert decode_all(source, (16, 16), progress=False, workers=2)[0].shape == (61, 16, 16, 3)  # resized
+
+
+def test_a_tiff_with_mistyped_strip_offsets_is_unreadable_not_a_crash(tmp_path):
+    """Found by the deep fuzz test: Pillow raises TypeError (not OSError) in ``load`` when the
+    StripOffsets tag (0x0111) is typed RATIONAL."""
+    import struct
+
+    from ssl_pretrain.data import UnreadableImage, load_image
+
+    path = tmp_path / "mistyped.tif"
+    Image.new("RGB", (24, 24), (40, 90, 200)).save(path, compression="raw")
+    data = bytearray(path.read_bytes())
+    assert data[:4] == b"II*\x00"
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for entry in range(struct.unpack_from("<H", data, ifd)[0]):
+        at = ifd + 2 + 12 * entry
+        if struct.unpack_from("<H", data, at)[0] == 0x0111:
+            struct.pack_into("<H", data, at + 2, 5)  # LONG/SHORT -> RATIONAL
+    path.write_bytes(bytes(data))
+    with pytest.raises(UnreadableImage, match="Error"):
+        load_image(str(path))
