@@ -51,3 +51,19 @@ def tiny_config(*overrides: str, source: str = "builtin:digits:train") -> Config
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def kill_after_checkpoint(monkeypatch, global_step: int):
+    """Make ``pretrain`` raise KeyboardInterrupt right after writing the checkpoint of
+    ``global_step`` (a kill at the worst moment); returns a function that undoes it."""
+    from ssl_pretrain import train as train_module
+
+    real_write = train_module.write_checkpoint
+
+    def write_then_die(run, cfg, model, optimizer, scheduler, state, clock=None):
+        real_write(run, cfg, model, optimizer, scheduler, state, clock)
+        if state.global_step == global_step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "write_checkpoint", write_then_die)
+    return lambda: monkeypatch.setattr(train_module, "write_checkpoint", real_write)

@@ -13,7 +13,7 @@ from ssl_pretrain.data import DataError
 from ssl_pretrain.run_folder import RunFolder, RunFolderError
 from ssl_pretrain.train import DivergenceError, pretrain
 
-from conftest import tiny_config
+from conftest import kill_after_checkpoint, tiny_config
 
 
 def _epoch_losses(run_dir):
@@ -76,17 +76,10 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, monkeypatch, pipeline):
     straight = tmp_path / "straight"
     pretrain(tiny_config(*settings), straight, progress=False)
     killed = tmp_path / "killed"
-    real_write = train_module.write_checkpoint
-
-    def write_then_die(run, cfg, model, optimizer, scheduler, state, clock=None):
-        real_write(run, cfg, model, optimizer, scheduler, state, clock)
-        if state.global_step == 6:  # epoch 2 of 4 steps each, half way
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "write_checkpoint", write_then_die)
+    undo = kill_after_checkpoint(monkeypatch, 6)  # epoch 2 of 4 steps each, half way
     with pytest.raises(KeyboardInterrupt):
         pretrain(tiny_config(*settings), killed, progress=False)
-    monkeypatch.setattr(train_module, "write_checkpoint", real_write)
+    undo()
     assert load_checkpoint(killed / "checkpoints" / "last.pt")["step_in_epoch"] == 2
     pretrain(tiny_config(*settings), killed, resume=True, progress=False)
     _assert_same_weights(_weights(straight), _weights(killed))

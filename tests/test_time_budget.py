@@ -13,13 +13,12 @@ import pytest
 import torch
 
 from ssl_pretrain import optim as optim_module
-from ssl_pretrain import train as train_module
 from ssl_pretrain.checkpoint import load_checkpoint
 from ssl_pretrain.config import ConfigError
 from ssl_pretrain.optim import BudgetClock, budget_cosine
 from ssl_pretrain.train import pretrain
 
-from conftest import tiny_config
+from conftest import kill_after_checkpoint, tiny_config
 
 # tiny_config: 256 images, batch 64 -> 4 steps per epoch; peak lr 0.5 * 64 / 256; no warm-up
 PEAK_LR = 0.5 * 64 / 256
@@ -74,17 +73,10 @@ def test_a_killed_budgeted_run_resumes_on_the_same_clock(tmp_path, fake_time, mo
     pretrain(tiny_config(*settings), straight, progress=False)
 
     killed = tmp_path / "killed"
-    real_write = train_module.write_checkpoint
-
-    def write_then_die(run, cfg, model, optimizer, scheduler, state, clock=None):
-        real_write(run, cfg, model, optimizer, scheduler, state, clock)
-        if state.global_step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "write_checkpoint", write_then_die)
+    undo = kill_after_checkpoint(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         pretrain(tiny_config(*settings), killed, progress=False)
-    monkeypatch.setattr(train_module, "write_checkpoint", real_write)
+    undo()
     assert load_checkpoint(killed / "checkpoints" / "last.pt")["clock"]["elapsed_s"] == 3.0
     pretrain(tiny_config(*settings), killed, resume=True, progress=False)
     # Same clock readings, same learning rates, same stop: the same weights.
