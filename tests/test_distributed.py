@@ -118,6 +118,23 @@ def test_resume_with_another_number_of_ranks_continues_the_same_batches(tmp_path
 
 
 @pytest.mark.slow
+def test_two_ranks_stop_together_at_a_time_budget(tmp_path):
+    """Each rank reads its own clock; the run syncs the reading (max over ranks) every step, so
+    both take the same learning rates and stop at the same step - no rank left waiting in a
+    collective, the run ends within its budget with one checkpoint and one export."""
+    base = [arg for arg in ARGS if arg not in ("--epochs", "1")] + ["--epochs", "10000", "--time-budget", "0.2"]
+    out = tmp_path / "budget"
+    result = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                   "-m", "ssl_pretrain", *base, "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("time budget of 0.2 min reached") == 1
+    assert (out / "backbone.safetensors").exists()
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert 0 < state["clock"]["elapsed_s"] < 12.0 and state["global_step"] > 2
+    assert state["global_step"] < 10000 * 2  # stopped by the budget, not the epochs
+
+
+@pytest.mark.slow
 def test_refused_run_folder_stops_every_rank_with_one_line(tmp_path):
     out = tmp_path / "taken"
     assert _run([sys.executable, "-m", "ssl_pretrain", *ARGS, "--out", str(out)]).returncode == 0
