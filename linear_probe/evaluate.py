@@ -36,6 +36,7 @@ from ssl_pretrain.allocator import keep_freed_memory
 from ssl_pretrain.backbones import build_backbone
 from ssl_pretrain.checkpoint import BackboneInfo, load_backbone
 from ssl_pretrain.data import DecodedSource, SubsetSource, common_small_size, decode_workers, open_source
+from ssl_pretrain.train import TENSOR_PIPELINE_AUTO_BYTES
 from ssl_pretrain.transforms import build_eval_transform
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,9 @@ SEED_FREE_METHODS = ("knn", "logreg")
 """Methods whose result depends on the labelled images alone (lbfgs is deterministic): where two
 seeds draw the same images (at 100% labels every seed does) they run once, and the row is repeated."""
 PIXEL_SIZE_CAP = 32
-IN_MEMORY_BYTES = 2 * 2**30
+IN_MEMORY_BYTES = TENSOR_PIPELINE_AUTO_BYTES
 """Small images of one size are decoded once into memory for extraction up to this many bytes
-(CIFAR-10's 60,000 images: 184 MB), as ``data.pipeline=auto`` does for pretraining."""
+(CIFAR-10's 60,000 images: 184 MB): the limit of ``data.pipeline=auto`` in pretraining."""
 """Raw-pixel baseline at the checkpoint's input size, but at most 32 px (3,072 values): at 224 px
 it would be 150,528 values per image, too large for kNN and logistic regression to be useful."""
 

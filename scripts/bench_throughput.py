@@ -101,10 +101,14 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep", action="store_true",
                         help="also time the bare step in fp32/bf16 x default/channels-last")
     parser.add_argument("--sweep-only", action="store_true", help="only the precision/format sweep")
+    parser.add_argument("--augment-only", action="store_true",
+                        help="only time the batched augmentation (two views of one batch, as the tensor pipeline makes them)")
     args = parser.parse_args(argv)
     keep_freed_memory()  # as ssl-pretrain does on a CPU (train.keep_freed_memory); the whole process
     if args.sweep_only:
         return sweep(args)
+    if args.augment_only:
+        return time_augmentation(args)
 
     cfg = load_config(args.config, [f"data.source={args.data}", *args.overrides])
     device = resolve_device(cfg.train.device)
@@ -132,6 +136,31 @@ def main(argv=None) -> int:
         sweep(args, header=False)
     print(f"\nours: {setup_seconds:.1f} s to set up the pipeline for {len(source)} images "
           f"(decoding them once when data.pipeline resolves to tensor), not in the rates above.")
+    return 0
+
+
+def time_augmentation(args) -> int:
+    """Milliseconds per batch of ``batch_views`` (crop, flip, jitter, grey, normalise; two views)."""
+    from ssl_pretrain.batch_transforms import batch_views, build_batch_augment
+    from ssl_pretrain.data import common_small_size, decode_all
+
+    cfg = load_config(args.config, [f"data.source={args.data}", *args.overrides])
+    source = random_subset(open_source(args.data), cfg.train.batch_size)
+    size = common_small_size(source)
+    if size is None:
+        raise SystemExit("--augment-only needs small images of one size (the tensor pipeline's case)")
+    images = torch.from_numpy(decode_all(source, size, progress=False)[0])
+    augment = build_batch_augment(cfg.augment)
+    for seed in range(args.warmup):
+        batch_views(images, augment, seed)
+    started = time.perf_counter()
+    for seed in range(args.steps):
+        batch_views(images, augment, seed)
+    seconds = (time.perf_counter() - started) / args.steps
+    print(f"\n{date.today()} | {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__} | `python {' '.join(sys.argv)}`\n")
+    print(f"batched augmentation, two views of {len(images)} images of {size[0]}x{size[1]}: "
+          f"{seconds * 1e3:.2f} ms per batch ({seconds / len(images) * 1e6:.1f} us per image)")
     return 0
 
 

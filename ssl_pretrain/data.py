@@ -244,8 +244,8 @@ class DecodedSource:
         self.source, self.size, self.workers = source, tuple(size), workers
         self.labels = getattr(source, "labels", None)
         self.classes = list(getattr(source, "classes", []))
-        self._images: np.ndarray | None = None
-        self._rows: np.ndarray | None = None  # index -> row of _images, -1 when unreadable
+        self._decoded: tuple[np.ndarray, np.ndarray, list[tuple[str, str]]] | None = None
+        self._rows: np.ndarray | None = None  # index -> row of the array, -1 when unreadable
         self._reasons: dict[int, str] = {}
         self._tried = False
 
@@ -256,33 +256,28 @@ class DecodedSource:
         return self.source.name(index)
 
     def decoded(self) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]] | None:
-        """``(images (N_ok, H, W, 3) uint8, kept indices, skipped (name, reason))``, decoding on the
-        first call; ``None`` when the images do not all have ``size``."""
+        """``decode_all``'s ``(images (N_ok, H, W, 3) uint8, kept indices, skipped (name, reason))``,
+        decoding on the first call; ``None`` when the images do not all have ``size``."""
         if not self._tried:
             self._tried = True
-            self._decode()
-        if self._images is None:
-            return None
-        kept = np.flatnonzero(self._rows >= 0)
-        return self._images, kept, [(self.source.name(i), reason) for i, reason in sorted(self._reasons.items())]
-
-    def _decode(self) -> None:
-        decoded = decode_all(self.source, self.size, progress=False, workers=self.workers, resize=False)
-        if decoded is None:
-            log.info("images of several sizes: decoded as they are needed, not held in memory")
-            return
-        self._images, kept, skipped = decoded
-        self._rows = np.full(len(self.source), -1, dtype=np.int64)
-        self._rows[kept] = np.arange(len(kept))
-        # skipped is in source order, as are the indices that were not kept
-        self._reasons = {int(index): reason for index, (_, reason) in zip(np.flatnonzero(self._rows < 0), skipped)}
+            self._decoded = decode_all(self.source, self.size, progress=False, workers=self.workers, resize=False)
+            if self._decoded is None:
+                log.info("images of several sizes: decoded as they are needed, not held in memory")
+            else:
+                _, kept, skipped = self._decoded
+                self._rows = np.full(len(self.source), -1, dtype=np.int64)
+                self._rows[kept] = np.arange(len(kept))
+                # skipped is in source order, as are the indices that were not kept
+                missing = np.flatnonzero(self._rows < 0)
+                self._reasons = {int(index): reason for index, (_, reason) in zip(missing, skipped)}
+        return self._decoded
 
     def load(self, index: int) -> Image.Image:
         if self.decoded() is None:
             return self.source.load(index)
         if self._rows[index] < 0:
             raise UnreadableImage(self._reasons[index])
-        return Image.fromarray(self._images[self._rows[index]])
+        return Image.fromarray(self._decoded[0][self._rows[index]])
 
 
 def random_subset(source: ImageSource, count: int | None, seed: int = 0) -> ImageSource:

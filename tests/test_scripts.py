@@ -37,6 +37,13 @@ def test_throughput_script_compares_three_loops(digits_folder, capsys):
     assert len(sweep) == 4 and sweep[0].endswith("| 1.00 |")  # the four combinations, fp32 default first
 
 
+def test_throughput_script_times_the_augmentation_alone(digits_folder, capsys):
+    assert _load("bench_throughput").main(["--data", str(digits_folder), "--config", "configs/demo_digits.yaml",
+                                           "--augment-only", "--steps", "2", "--warmup", "1",
+                                           "--set", "train.batch_size=32"]) == 0
+    assert "two views of 32 images of 16x16" in capsys.readouterr().out
+
+
 def test_knn_benchmark_script_agrees_across_methods(capsys):
     assert _load("bench_knn").main(["--train", "2000", "--queries", "300", "--dim", "32", "--k", "50"]) == 0
     table = capsys.readouterr().out
