@@ -338,6 +338,13 @@ def run_finetune(context: _Context, kind: str, labelled: SubsetSource, seed: int
     return result, len(labelled)
 
 
+def name_classes(row: dict, classes: list[str]) -> dict:
+    """The row with class names instead of indices in its per-class figures."""
+    if row.get("per_class") and len(row["per_class"]) == len(classes):
+        row["per_class"] = [{**entry, "class": name} for entry, name in zip(row["per_class"], classes)]
+    return row
+
+
 def run_protocol(context: _Context) -> tuple[list[dict], dict]:
     """Every (label budget, seed, method, features) once.
 
@@ -362,8 +369,8 @@ def run_protocol(context: _Context) -> tuple[list[dict], dict]:
                         result, n_train = run_feature_method(context, method, kind, labelled, seed)
                     if method in SEED_FREE_METHODS:
                         done.setdefault(key, (result, n_train))
-                    rows.append(make_row(kind, method, budget, seed, result, n_train, len(data.pool),
-                                         time.perf_counter() - start))
+                    rows.append(name_classes(make_row(kind, method, budget, seed, result, n_train, len(data.pool),
+                                                      time.perf_counter() - start), data.classes))
                     log.info("%s on %s features, %s labels, seed %d: top-1 %.1f%%",
                              method, kind, budget.label, seed, 100 * result.top1)
                     if seed == 0:

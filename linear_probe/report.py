@@ -1,5 +1,6 @@
-"""Rows -> ``results.json`` (every number, flat) and ``results.md`` (mean ± std over seeds, the
-baselines beside the pretrained features, and the gap to the best baseline)."""
+"""Rows -> ``results.json`` (every number, flat) and ``results.md`` (mean ± std over seeds of
+top-1, balanced accuracy, macro-F1, ROC AUC and, with more than 5 classes, top-5; the baselines
+beside the pretrained features, and the gap to the best baseline)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
+from linear_probe.metrics import TOP5_ABOVE
+
 FEATURE_COLUMNS = ("ssl", "random_init", "pixels", "scratch")
 COLUMN_TITLES = {"ssl": "ssl", "random_init": "random init", "pixels": "pixels", "scratch": "scratch"}
+BASELINE_FEATURES = ("random_init", "pixels", "scratch")
+# The tables of results.md, in order; top-5 is left out with TOP5_ABOVE classes or fewer.
+METRIC_TITLES = {"top1": "Top-1", "balanced_accuracy": "Balanced accuracy", "macro_f1": "Macro-F1",
+                 "roc_auc": "ROC AUC", "top5": "Top-5"}
 
 
 def make_row(features: str, method: str, budget, seed: int, result, n_train: int, pool_size: int,
@@ -21,7 +28,8 @@ def make_row(features: str, method: str, budget, seed: int, result, n_train: int
     Args:
         budget: the ``LabelBudget``; a per-class budget reports the fraction of the training pool
             (``pool_size`` images) it amounted to as ``label_fraction``.
-        result: the method's ``ProbeResult``.
+        result: the method's ``ProbeResult``; its ``metrics`` give balanced accuracy, macro-F1,
+            ROC AUC and the per-class figures (``None`` where undefined, never NaN).
     """
     fraction = budget.fraction if budget.fraction is not None else round(n_train / pool_size, 6)
     return {
@@ -31,12 +39,16 @@ def make_row(features: str, method: str, budget, seed: int, result, n_train: int
         "label_budget": budget.label,
         "seed": seed,
         "top1": result.top1,
-        "top5": result.top5,
+        "top5": result.top5,  # None with 5 classes or fewer
+        "balanced_accuracy": result.metrics.get("balanced_accuracy"),
+        "macro_f1": result.metrics.get("macro_f1"),
+        "roc_auc": result.metrics.get("roc_auc"),
         "n_train": n_train,
         "n_test": len(result.predictions),
         "val_top1": result.val_top1,
         "chosen": result.chosen,
         "seconds": round(seconds, 3),
+        "per_class": result.metrics.get("per_class"),
     }
 
 
@@ -63,13 +75,20 @@ def _ordered_unique(values) -> list:
 
 
 def summarise(rows: list[dict], metric: str = "top1") -> dict[tuple[str, str, str], dict]:
-    """``(method, label budget, features) -> {mean, std, seeds, n_train}`` of ``metric`` over seeds."""
+    """``(method, label budget, features) -> {mean, std, seeds, n_train}`` of ``metric`` over seeds.
+
+    A ``None`` value (a metric undefined for that run, such as top-5 with 5 classes or fewer, or
+    missing from an older ``results.json``) is left out; a group with no value gets no entry, and
+    ``seeds`` counts the values that went into the mean.
+    """
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["method"], row["label_budget"], row["features"]), []).append(row)
     summary = {}
     for key, group in groups.items():
-        values = np.array([row[metric] for row in group], dtype=np.float64)
+        values = np.array([row[metric] for row in group if row.get(metric) is not None], dtype=np.float64)
+        if len(values) == 0:
+            continue
         summary[key] = {
             "mean": float(values.mean()),
             "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
@@ -95,6 +114,17 @@ def _gap(cells: dict[str, dict | None]) -> str:
     return f"{100 * (cells['ssl']['mean'] - max(baselines)):+.1f}"
 
 
+def _n_train(rows: list[dict], method: str, budget: str, columns: list[str]) -> int:
+    """Mean training-set size over the seeds of the first kind of features with rows; read from
+    the rows rather than a summary, since a metric may be undefined in every cell of a line."""
+    for kind in columns:
+        sizes = [row["n_train"] for row in rows
+                 if (row["method"], row["label_budget"], row["features"]) == (method, budget, kind)]
+        if sizes:
+            return int(round(np.mean(sizes)))
+    raise ValueError(f"no rows for {method} at {budget} labels")
+
+
 def format_table(rows: list[dict], metric: str = "top1") -> str:
     """A Markdown table: one line per (method, label budget), one column per kind of features,
     and the pretrained features' lead over the best baseline in percentage points."""
@@ -108,7 +138,7 @@ def format_table(rows: list[dict], metric: str = "top1") -> str:
     for method in _ordered_unique(row["method"] for row in rows):
         for budget in _ordered_unique(row["label_budget"] for row in rows if row["method"] == method):
             cells = {kind: summary.get((method, budget, kind)) for kind in columns}
-            n_train = next(stats["n_train"] for stats in cells.values() if stats)
+            n_train = _n_train(rows, method, budget, columns)
             line = [method, budget, str(n_train)] + [_cell(cells[kind]) for kind in columns]
             lines.append("| " + " | ".join(line + ([_gap(cells)] if with_gap else [])) + " |")
     return "\n".join(lines)
@@ -125,26 +155,77 @@ def _describe(meta: dict) -> str:
     return text
 
 
+def _shows_top5(rows: list[dict], meta: dict) -> bool:
+    """Top-5 is worth a table with more than 5 classes; with fewer every row is trivially right."""
+    classes = meta.get("data", {}).get("classes")
+    if classes is not None:
+        return (classes if isinstance(classes, int) else len(classes)) > TOP5_ABOVE
+    return any(row.get("top5") is not None for row in rows)  # a report without the class list
+
+
+def _best_pretrained_row(rows: list[dict]) -> dict | None:
+    """Seed-0 row of the pretrained features' best mean top-1 at the largest label budget: the
+    run that ``evaluate`` draws the confusion matrix of."""
+    pretrained = [row for row in rows if row["features"] not in BASELINE_FEATURES and row.get("per_class")]
+    summary = summarise(pretrained)
+    if not summary:
+        return None
+    largest = max(stats["n_train"] for stats in summary.values())
+    best = max((key for key, stats in summary.items() if stats["n_train"] == largest),
+               key=lambda key: summary[key]["mean"])
+    return next((row for row in pretrained
+                 if (row["method"], row["label_budget"], row["features"]) == best and row["seed"] == 0), None)
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def format_per_class(row: dict, class_names: list[str] | None = None) -> str:
+    """A Markdown table of one row's per-class precision, recall and F1 (in %) and support.
+
+    Args:
+        row: a ``make_row`` row with ``per_class``.
+        class_names: names in class order, shown instead of the class indices that ``per_class``
+            holds when the methods were not given names.
+    """
+    per_class = row["per_class"]
+    if class_names is None or len(class_names) != len(per_class):
+        class_names = [entry["class"] for entry in per_class]
+    lines = ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    for name, entry in zip(class_names, per_class):
+        cells = [str(name).replace("|", "\\|"), _percent(entry["precision"]), _percent(entry["recall"]),
+                 _percent(entry["f1"]), str(entry["support"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def format_markdown(rows: list[dict], meta: dict) -> str:
-    """``results.md``: what was evaluated, then top-1 and top-5 tables."""
+    """``results.md``: what was evaluated, a table per metric (top-5 only with more than 5
+    classes), and the per-class figures of the best pretrained run."""
     seeds = max((row["seed"] for row in rows), default=0) + 1
-    return "\n".join([
+    metrics = list(METRIC_TITLES) if _shows_top5(rows, meta) else [m for m in METRIC_TITLES if m != "top5"]
+    lines = [
         "# Evaluation",
         "",
         _describe(meta),
         "",
-        f"Test accuracy in %, mean ± std over {seeds} seed(s). C and epochs were chosen on validation; "
-        "the test set was scored once per configuration.",
+        f"Test scores in %, mean ± std over {seeds} seed(s); ROC AUC is shown × 100 (50 is chance). "
+        "C and epochs were chosen on validation; the test set was scored once per configuration.",
         "",
-        "## Top-1",
+        "With imbalanced classes read balanced accuracy (the mean recall of the classes), macro-F1 and "
+        "ROC AUC rather than top-1, which rewards predicting the commonest class: always answering "
+        "the majority class of a 1 : 3 test set scores 75% top-1 but 50% balanced accuracy.",
         "",
-        format_table(rows, "top1"),
-        "",
-        "## Top-5",
-        "",
-        format_table(rows, "top5"),
-        "",
-    ])
+    ]
+    for metric in metrics:
+        lines += [f"## {METRIC_TITLES[metric]}", "", format_table(rows, metric), ""]
+    best = _best_pretrained_row(rows)
+    if best is not None:
+        classes = meta.get("data", {}).get("classes")
+        lines += [f"## Per class: {best['method']} on {best['features']} features, {best['label_budget']} labels "
+                  "(seed 0)", "", format_per_class(best, classes if isinstance(classes, list) else None), ""]
+    return "\n".join(lines)
 
 
 def write_report(out_dir: str | Path, rows: list[dict], meta: dict) -> list[Path]:

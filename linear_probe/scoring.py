@@ -1,4 +1,4 @@
-"""Scoring on the test set, shared by every method: top-k accuracy and the result of one probe."""
+"""Scoring on the test set, shared by every method: the result of one probe and its metrics."""
 
 from __future__ import annotations
 
@@ -7,25 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from linear_probe.metrics import classification_metrics, predict, to_numpy, topk_accuracy
 
-def topk_accuracy(scores, labels, k: int) -> float:
-    """Share of rows whose true class is among the ``k`` highest scores.
-
-    Ties are broken towards the lower class index (a stable sort), so the answer is deterministic
-    and never flatters a row whose scores are all equal. ``k`` larger than the number of classes
-    counts every row as correct.
-
-    Args:
-        scores: ``(Q, C)`` class scores (NumPy or torch), higher is better.
-        labels: ``(Q,)`` true classes.
-    """
-    scores = np.asarray(scores.detach().cpu() if hasattr(scores, "detach") else scores)
-    labels = np.asarray(labels.detach().cpu() if hasattr(labels, "detach") else labels)
-    if len(labels) == 0:
-        return float("nan")
-    k = min(k, scores.shape[1])
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return float((top == labels[:, None]).any(axis=1).mean())
+__all__ = ["ProbeResult", "score_test", "topk_accuracy"]  # topk_accuracy lives in metrics, kept here for callers
 
 
 @dataclass
@@ -33,27 +17,42 @@ class ProbeResult:
     """What one method scored on the test set, once, with what validation chose.
 
     Attributes:
-        top1, top5: test accuracies in [0, 1].
+        top1: test top-1 accuracy in [0, 1].
+        top5: test top-5 accuracy in [0, 1], or None with 5 classes or fewer (always 1 there).
         predictions: ``(Q,)`` predicted class of every test image (for the confusion matrix).
         chosen: hyper-parameters picked on validation (``C``, ``best_epoch``...) or fixed by the
             protocol (``k``, ``temperature``).
         val_top1: validation top-1 of the chosen setting, or None when nothing was chosen.
+        metrics: ``linear_probe.metrics.classification_metrics`` of the test scores: balanced
+            accuracy, macro-F1, ROC AUC and per-class figures beside top-1 / top-5.
     """
 
     top1: float
-    top5: float
+    top5: float | None
     predictions: np.ndarray
     chosen: dict[str, Any] = field(default_factory=dict)
     val_top1: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def score_test(scores: np.ndarray, labels: np.ndarray, chosen: dict, val_top1: float | None = None) -> ProbeResult:
-    """A ``ProbeResult`` from ``(Q, C)`` test scores; the only place test labels are compared."""
-    predictions = np.argsort(-scores, axis=1, kind="stable")[:, 0]
+def score_test(scores: np.ndarray, labels: np.ndarray, chosen: dict, val_top1: float | None = None,
+               num_classes: int | None = None, class_names: list[str] | None = None) -> ProbeResult:
+    """A ``ProbeResult`` from test scores; the only place test labels are compared.
+
+    Args:
+        scores: ``(Q, C)`` class scores (NumPy or torch), higher means more likely.
+        labels: ``(Q,)`` true classes.
+        chosen, val_top1: stored as they are in the result.
+        num_classes: classes of the task; ``C`` (the columns of ``scores``) when None.
+        class_names: names for the per-class metrics; class indices when None.
+    """
+    scores, labels = to_numpy(scores), to_numpy(labels)
+    metrics = classification_metrics(scores, labels, num_classes or scores.shape[1], class_names)
     return ProbeResult(
-        top1=topk_accuracy(scores, labels, 1),
-        top5=topk_accuracy(scores, labels, 5),
-        predictions=predictions.astype(np.int64),
+        top1=topk_accuracy(scores, labels, 1),  # NaN, not None, on an empty test set, as before
+        top5=metrics["top5"],
+        predictions=predict(scores),
         chosen=chosen,
         val_top1=val_top1,
+        metrics=metrics,
     )

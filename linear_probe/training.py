@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 
 @dataclass
@@ -29,14 +30,14 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
-def _train_one_epoch(model, optimizer, batches, device) -> float:
+def _train_one_epoch(model, optimizer, batches, device, class_weights=None) -> float:
     model.train()
     total, count = 0.0, 0
     for inputs, labels in batches:
         if len(labels) == 0:
             continue  # a batch of unreadable files only
         inputs, labels = inputs.to(device), labels.to(device)
-        loss = nn.functional.cross_entropy(model(inputs), labels)
+        loss = nn.functional.cross_entropy(model(inputs), labels, weight=class_weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -54,17 +55,22 @@ def train_with_early_stopping(
     weight_decay: float = 0.0,
     patience: int | None = None,
     device: str | torch.device = "cpu",
+    class_weights: torch.Tensor | None = None,
+    progress: bool = False,
 ) -> TrainingHistory:
     """Train ``parameters`` of ``model`` with cross-entropy; leave the best-validation weights in it.
 
     Args:
         model: maps a batch of inputs to ``(B, num_classes)`` logits.
-        parameters: what the optimiser updates (the head alone for a linear probe).
+        parameters: what the optimiser updates (the head alone for a linear probe), or SGD
+            parameter groups (``[{"params": ..., "lr": ...}]``: a lower rate for a backbone).
         train_batches: ``epoch -> iterable of (inputs, labels)``, shuffled by the caller.
         score_val: validation top-1 of the model as it is now.
         epochs: the budget; the schedule decays to zero over it.
         lr: SGD learning rate (momentum 0.9).
         patience: stop after this many epochs without a better validation score (None: never).
+        class_weights: ``(num_classes,)`` cross-entropy weights (imbalanced classes), or None.
+        progress: a progress bar over the epochs, with the loss and validation score.
 
     Returns:
         The history; ``model`` holds the weights of ``history.best_epoch``.
@@ -72,14 +78,19 @@ def train_with_early_stopping(
     optimizer = torch.optim.SGD(parameters, lr=lr, momentum=0.9, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
     history, best_state = TrainingHistory(), _snapshot(model)
+    weights = None if class_weights is None else class_weights.to(device)
+    bar = tqdm(total=epochs, desc="training", unit="epoch", disable=not progress, leave=False)
     for epoch in range(1, epochs + 1):
-        history.train_loss.append(_train_one_epoch(model, optimizer, train_batches(epoch), device))
+        history.train_loss.append(_train_one_epoch(model, optimizer, train_batches(epoch), device, weights))
         schedule.step()
         val_top1 = score_val()
         history.val_top1.append(val_top1)
+        bar.update(1)
+        bar.set_postfix(loss=f"{history.train_loss[-1]:.3f}", val=f"{100 * val_top1:.1f}")
         if val_top1 > history.best_val_top1:
             history.best_epoch, history.best_val_top1, best_state = epoch, val_top1, _snapshot(model)
         elif patience is not None and epoch - history.best_epoch >= patience:
             break
+    bar.close()
     model.load_state_dict(best_state)
     return history

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import stat
 import warnings
 from collections.abc import Sequence
@@ -149,6 +150,63 @@ def read_path_list(list_file: str | Path) -> list[str]:
             path = Path(line)
             paths.append(str(path if path.is_absolute() else base / path))
     return paths
+
+
+LABEL_LIST_HEADERS = {("path", "label"), ("file", "label"), ("filename", "label"), ("image", "label")}
+
+
+def _class_order(names: set[str]) -> list[str]:
+    """Class names in a stable order: numerically when every name is an integer (``2`` before
+    ``10``), else alphabetically, as image folders are."""
+    if all(re.fullmatch(r"-?\d+", name) for name in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def read_labelled_list(list_file: str | Path) -> tuple[list[str], list[str]]:
+    """``path,label`` lines of a CSV or text file -> ``(paths, label names)``.
+
+    Paths are relative to the file; a header line (``path,label``), blank lines and ``#``
+    comments are skipped. The last comma separates the label, so paths may contain commas.
+
+    Raises:
+        DataError: a line without a label, or no lines at all.
+    """
+    import csv
+
+    base, paths, names = Path(list_file).parent, [], []
+    with open(list_file, newline="", errors="replace") as file:
+        for number, row in enumerate(csv.reader(file), start=1):
+            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+                continue
+            cells = [cell.strip() for cell in row]
+            if number == 1 and tuple(cell.lower() for cell in cells[:2]) in LABEL_LIST_HEADERS:
+                continue
+            if len(cells) < 2 or not cells[-1]:
+                raise DataError(f"{list_file}, line {number}: expected 'path,label', got '{','.join(row)[:80]}'")
+            path = Path(",".join(cells[:-1]))
+            paths.append(str(path if path.is_absolute() else base / path))
+            names.append(cells[-1])
+    if not paths:
+        raise DataError(f"{list_file} lists no labelled images (expected lines of 'path,label')")
+    return paths, names
+
+
+def labelled_list_source(list_file: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> "FileSource":
+    """Labelled images named in a ``path,label`` file (CSV or text).
+
+    Raises:
+        DataError: a listed image that does not exist (the count and the first one are named),
+            or a malformed line.
+    """
+    paths, names = read_labelled_list(list_file)
+    missing = [path for path in paths if not os.path.exists(path)]
+    if missing:
+        raise DataError(f"{list_file} names {len(missing)} image(s) that do not exist (first: {missing[0]})")
+    classes = _class_order(set(names))
+    index = {name: position for position, name in enumerate(classes)}
+    labels = np.array([index[name] for name in names], dtype=np.int64)
+    return FileSource(paths, labels, classes, str(Path(list_file).parent), max_pixels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,8 +432,8 @@ def open_source(
             ``cifar10:ROOT[:train|:test]``, ``cifar100:ROOT[...]``, ``stl10:ROOT[...]``, or tar
             shards in WebDataset layout: ``x.tar``, ``shards/train-{000000..000009}.tar``, or a
             folder holding only ``*.tar`` files.
-        labelled: folders are read in image-folder layout (one subfolder per class); shards need
-            a ``.cls`` member for every sample.
+        labelled: folders are read in image-folder layout (one subfolder per class), a file as
+            ``path,label`` lines (CSV or text); shards need a ``.cls`` member for every sample.
         download: allow torchvision to download a named dataset.
         index_cache: an index file (e.g. ``<run folder>/file_index.txt``) that keeps the scan of a
             folder, or the member offsets of tar shards, for later runs; reused while the folders'
@@ -400,6 +458,8 @@ def open_source(
     if shards is not None:
         return open_shards(shards, labelled=labelled, max_pixels=max_pixels, index_cache=index_cache)
     path = Path(spec)
+    if labelled and path.is_file():
+        return labelled_list_source(path, max_pixels)
     if labelled:
         return image_folder_source(path, max_pixels, index_cache=index_cache)
     if path.is_file():

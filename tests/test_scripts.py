@@ -59,3 +59,20 @@ def test_extract_benchmark_script(digits_folder, capsys):
     # the 16 px digit files all have one size: both the file pass and the in-memory pass are timed
     assert "| extract_embeddings, from files (0 workers) |" in table
     assert "| extract_embeddings, decoded once in memory |" in table and "decoding the 128 images" in table
+
+
+def test_latency_benchmark_script_has_every_runtime_and_the_end_to_end_row(capsys):
+    assert _load("bench_latency").main(["--models", "smallconv32", "--repeats", "3", "--seconds", "0.1",
+                                        "--end-to-end", "40"]) == 0
+    table = capsys.readouterr().out
+    runtimes = [line.split("|")[2].strip() for line in table.splitlines() if line.startswith("| smallconv32 |")]
+    assert runtimes[0] == "torch eager (fp32)" and runtimes[-1] == "onnxruntime" and len(runtimes) >= 3
+    assert "ssl-predict on 40 PNG files" in table and "| onnxruntime |" in table
+
+
+def test_digits_to_folder_writes_class_folders_and_a_label_list(tmp_path, capsys):
+    script = _load("digits_to_folder")
+    assert script.main(["--out", str(tmp_path / "digits"), "--split", "test", "--csv", str(tmp_path / "l.csv")]) == 0
+    assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == [str(d) for d in range(10)]
+    lines = (tmp_path / "l.csv").read_text().splitlines()
+    assert lines[0] == "path,label" and len(lines) == 451 and Path(lines[1].split(",")[0]).is_file()

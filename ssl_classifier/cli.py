@@ -1,0 +1,200 @@
+"""``ssl-finetune``, ``ssl-predict``, ``ssl-export``: thin command lines over
+``train.train_classifier``, ``predict.predict_files`` and ``export.export_classifier``.
+
+Bad input ends in one line on stderr (``PROG: error: ...``) and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from linear_probe.errors import EvaluationError
+from ssl_classifier.model import ClassifierError
+from ssl_pretrain.checkpoint import CheckpointError
+from ssl_pretrain.data import DataError
+
+EXPECTED = (ClassifierError, CheckpointError, DataError, EvaluationError)
+
+
+def _run(prog: str, body: Callable[[], int]) -> int:
+    """``body()``, with expected failures as one line and status 2."""
+    try:
+        return body()
+    except EXPECTED as error:
+        print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s")
+
+
+# ---------------------------------------------------------------------------------------------
+# ssl-finetune
+
+
+def finetune_parser() -> argparse.ArgumentParser:
+    from ssl_classifier.train import BALANCING, MODES, FinetuneSettings
+
+    defaults = FinetuneSettings()
+    parser = argparse.ArgumentParser(
+        prog="ssl-finetune", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a classifier from a pretrained backbone and a few labels; save it as "
+        "classifier.safetensors + classifier.json in --out (run it with ssl-predict, export it with ssl-export).")
+    parser.add_argument("--checkpoint", required=True, help="run folder, backbone.safetensors or checkpoints/last.pt")
+    parser.add_argument("--train", required=True, help="labelled images: class subfolders, a 'path,label' CSV/text "
+                        "file, builtin:digits:train, cifar10:ROOT")
+    parser.add_argument("--val", help="labelled validation images (else --val-fraction of --train is held out)")
+    parser.add_argument("--test", help="labelled test images, scored once with the chosen epoch (optional)")
+    parser.add_argument("--out", required=True, help="model folder to write")
+    parser.add_argument("--mode", choices=MODES, default=defaults.mode, help="linear: frozen backbone + trained head "
+                        "(fast, robust with very few labels); finetune: head first, then the whole network with a "
+                        "lower backbone learning rate (better with hundreds of labels per class)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--labels-per-class", type=int, help="use only N labelled images per class (simulate a budget)")
+    budget.add_argument("--label-fraction", type=float, help="use only this share of each class's labels")
+    parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
+                        help="without --val: share of each class held out to choose the epoch")
+    parser.add_argument("--balance", choices=BALANCING, default=defaults.balance, help="class-weighted loss: auto "
+                        "turns it on when the largest class has 1.5x the images of the smallest")
+    parser.add_argument("--epochs", type=int, help="epoch budget (default: 100 linear, 30 finetune); the best "
+                        "validation epoch is kept")
+    parser.add_argument("--lr", type=float, help="SGD learning rate of the head (default: 0.1 linear, 0.01 finetune)")
+    parser.add_argument("--backbone-lr-scale", type=float, default=defaults.backbone_lr_scale,
+                        help="finetune: the backbone's learning rate is lr times this")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--input-size", type=int, help="input side in pixels (default: the backbone's)")
+    parser.add_argument("--no-flip", action="store_true", help="no horizontal flips when fine-tuning (digits, text)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", default=defaults.device, help="auto (CUDA, then MPS, then CPU), cpu, cuda...")
+    parser.add_argument("--num-workers", type=int, default=defaults.num_workers, help="data-loading processes")
+    parser.add_argument("--overwrite", action="store_true", help="replace a classifier already in --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or log")
+    return parser
+
+
+def _format_metrics(metrics: dict | None) -> str:
+    if not metrics:
+        return "–"
+    parts = [f"top-1 {100 * metrics['top1']:.1f}%", f"balanced accuracy {100 * metrics['balanced_accuracy']:.1f}%",
+             f"macro-F1 {100 * metrics['macro_f1']:.1f}%"]
+    if metrics.get("roc_auc") is not None:
+        parts.append(f"ROC AUC {metrics['roc_auc']:.3f}")
+    return ", ".join(parts)
+
+
+def finetune_main(argv: list[str] | None = None) -> int:
+    from ssl_classifier.train import FinetuneSettings, train_classifier
+
+    args = finetune_parser().parse_args(argv)
+    _logging(args.quiet)
+
+    def body() -> int:
+        settings = FinetuneSettings(
+            mode=args.mode, labels_per_class=args.labels_per_class, label_fraction=args.label_fraction,
+            val_fraction=args.val_fraction, balance=args.balance, epochs=args.epochs, lr=args.lr,
+            backbone_lr_scale=args.backbone_lr_scale, batch_size=args.batch_size, input_size=args.input_size,
+            hflip=not args.no_flip, seed=args.seed, device=args.device, num_workers=args.num_workers,
+            progress=not args.quiet, overwrite=args.overwrite)
+        result = train_classifier(args.checkpoint, args.train, args.out, val=args.val, test=args.test,
+                                  settings=settings)
+        info, training = result.info, result.info.training
+        print(f"\n{info.mode} classifier, {info.num_classes} classes, {training['n_train']} labelled images, "
+              f"best epoch {training['best_epoch']} of {training['epochs_run']}, {result.seconds:.0f} s")
+        print(f"  validation ({training['n_val']} images): {_format_metrics(info.validation)}")
+        if info.test:
+            print(f"  test: {_format_metrics(info.test)}")
+        print(f"  saved: {result.model_dir}/classifier.safetensors, classifier.json")
+        return 0
+
+    return _run("ssl-finetune", body)
+
+
+# ---------------------------------------------------------------------------------------------
+# ssl-predict
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ssl-predict", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Run a classifier saved by ssl-finetune on images; one row per image (unreadable images get "
+        "a row with their error). Exit status 1 only when no image could be read.")
+    parser.add_argument("inputs", nargs="+", help="image files, folders (recursive), .txt lists of paths, or .csv "
+                        "lists of path[,label] (with labels, accuracy is reported)")
+    parser.add_argument("--model", required=True, help="model folder written by ssl-finetune")
+    parser.add_argument("--out", default="predictions.csv", help="output file")
+    parser.add_argument("--format", choices=("csv", "jsonl"), help="default: from --out's suffix (.jsonl), else csv")
+    parser.add_argument("--top-k", type=int, default=5, help="labels and probabilities per image")
+    parser.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                        help="onnxruntime runs the model's classifier.onnx (ssl-export) without torch model code")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, help="decoding threads (default: the machine's cores, at most 8)")
+    parser.add_argument("--threads", type=int, help="inference threads (default: the runtime's own)")
+    parser.add_argument("--device", default="cpu", help="torch runtime: cpu, cuda, cuda:1, mps, auto")
+    parser.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    from ssl_classifier.predict import Classifier, predict_files
+
+    args = predict_parser().parse_args(argv)
+    _logging(args.quiet)
+
+    def body() -> int:
+        fmt = args.format or ("jsonl" if args.out.endswith(".jsonl") else "csv")
+        classifier = Classifier.load(args.model, runtime=args.runtime, device=args.device, threads=args.threads)
+        summary = predict_files(classifier, args.inputs, args.out, fmt, args.top_k, args.batch_size, args.workers,
+                                progress=not args.quiet)
+        rate = summary.images / summary.seconds if summary.seconds > 0 else 0.0
+        print(f"{summary.images} images ({summary.errors} unreadable, listed with their error) -> {summary.out} "
+              f"in {summary.seconds:.1f} s ({rate:.0f} images/s, {classifier.runtime})")
+        if summary.labelled:
+            print(f"accuracy on the {summary.labelled} labelled images: {100 * summary.correct / summary.labelled:.1f}%")
+        if summary.images and summary.readable == 0:
+            print("ssl-predict: error: none of the images could be read", file=sys.stderr)
+            return 1
+        if not summary.images:
+            print("ssl-predict: error: no images found in the inputs", file=sys.stderr)
+            return 1
+        return 0
+
+    return _run("ssl-predict", body)
+
+
+# ---------------------------------------------------------------------------------------------
+# ssl-export
+
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ssl-export", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Export a classifier saved by ssl-finetune to ONNX (dynamic batch, opset 18) or TorchScript; "
+        "the export's logits are checked against PyTorch's before it is written.")
+    parser.add_argument("--model", required=True, help="model folder written by ssl-finetune")
+    parser.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    parser.add_argument("--out", help="output file (default: classifier.onnx / classifier.torchscript.pt in --model)")
+    parser.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    from ssl_classifier.export import export_classifier
+
+    args = export_parser().parse_args(argv)
+    _logging(args.quiet)
+
+    def body() -> int:
+        result = export_classifier(args.model, args.format, args.out)
+        check = ("not checked (onnxruntime not installed)" if result.max_abs_diff is None
+                 else f"max |logit difference| vs PyTorch {result.max_abs_diff:.1e}")
+        print(f"{result.format} -> {result.path} ({check})")
+        return 0
+
+    return _run("ssl-export", body)

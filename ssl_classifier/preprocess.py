@@ -1,0 +1,65 @@
+"""Any image -> the classifier's input, with Pillow and NumPy only (no torch needed, so the
+ONNX runtime path runs without it).
+
+The geometry is torchvision's evaluation transform, restated: resize the short side to
+``input_size`` (bicubic), then centre-crop; ``ssl_pretrain.transforms.EvalTransform`` does the same
+with torchvision, and a test checks that both give the same pixels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ssl_pretrain.data import DEFAULT_MAX_PIXELS, UnreadableImage, load_image, to_rgb
+
+
+def resize_and_crop(image: Image.Image, size: int) -> Image.Image:
+    """Short side to ``size`` (bicubic), then the centre ``size x size`` (torchvision's
+    ``Resize(size)`` + ``CenterCrop(size)`` on a PIL image: same rounding)."""
+    width, height = image.size
+    if (width, height) == (size, size):
+        return image
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    new_width, new_height = (new_short, new_long) if width <= height else (new_long, new_short)
+    if (new_width, new_height) != (width, height):
+        image = image.resize((new_width, new_height), Image.BICUBIC)
+    top = int(round((new_height - size) / 2.0))
+    left = int(round((new_width - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_input(image: Image.Image, size: int) -> np.ndarray:
+    """An RGB PIL image -> ``(3, size, size)`` float32 in [0, 1]."""
+    pixels = np.asarray(resize_and_crop(image, size), dtype=np.uint8)
+    return pixels.transpose(2, 0, 1).astype(np.float32) * np.float32(1.0 / 255.0)
+
+
+def as_pil(item: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A path, a PIL image, a NumPy array ``(H, W[, C])`` or a tensor ``(C, H, W)`` -> RGB PIL.
+
+    Arrays and tensors of integers are read as 0-255, of floats as 0-1.
+
+    Raises:
+        UnreadableImage: a file that cannot be decoded, or an array of an unusable shape.
+    """
+    if isinstance(item, (str, Path)):
+        return load_image(str(item), max_pixels)
+    if isinstance(item, Image.Image):
+        return to_rgb(item)
+    if hasattr(item, "detach"):  # a torch tensor, channels first
+        item = item.detach().cpu().numpy()
+        if item.ndim == 3 and item.shape[0] in (1, 3, 4):
+            item = item.transpose(1, 2, 0)
+    array = np.asarray(item)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise UnreadableImage(f"an array of shape {array.shape} is not an image (H, W[, 3]) or (3, H, W)")
+    if array.dtype.kind == "f":
+        array = np.clip(array * 255.0, 0, 255).round()
+    return to_rgb(Image.fromarray(array.astype(np.uint8)))
