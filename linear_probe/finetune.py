@@ -14,10 +14,12 @@ import torch
 from torch import nn
 
 from linear_probe.embeddings import extract_embeddings
-from linear_probe.images import build_train_loader, build_train_transform
+from linear_probe.images import (
+    PixelSet, augmented_batches, build_train_loader, build_train_transform, load_pixels, pixel_logits,
+)
 from linear_probe.scoring import ProbeResult, score_test, topk_accuracy
 from linear_probe.training import train_with_early_stopping
-from ssl_pretrain.transforms import build_eval_transform
+from ssl_pretrain.transforms import EvalTransform, build_eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,37 @@ def _logits(model: nn.Module, images, transform, batch_size: int, device, num_wo
     return outputs.features, outputs.labels
 
 
+def prepare_scoring(images, transform: EvalTransform):
+    """What ``score`` of ``training_route`` takes: the images decoded once when they fit in
+    memory, else the source itself (decoded at every call)."""
+    return load_pixels(images, transform) or images
+
+
+def training_route(train_images, transform: EvalTransform, batch_size: int, seed: int, hflip: bool,
+                   num_workers: int, device):
+    """``(epoch -> batches, score(model, prepared images) -> (logits, labels))``.
+
+    Sets that fit in memory are decoded once and augmented a batch at a time (no per-image PIL
+    work per epoch: most of fine-tuning's time on small images was that); larger ones stream
+    through a ``DataLoader`` with per-image transforms.
+    """
+    size, mean, std = transform.input_size, transform.mean, transform.std
+    pixels = load_pixels(train_images, transform)
+    if pixels is not None:
+        batches = augmented_batches(pixels, size, mean, std, batch_size, seed, hflip)
+    else:
+        loader = build_train_loader(train_images, build_train_transform(size, mean, std, hflip), batch_size, seed,
+                                    num_workers)
+        batches = lambda epoch: loader  # noqa: E731 - the loader reshuffles itself every epoch
+
+    def score(model, images):
+        if isinstance(images, PixelSet):
+            return pixel_logits(model, images, transform, device, 256)
+        return _logits(model, images, transform, batch_size, device, num_workers)
+
+    return batches, score
+
+
 def evaluate_finetune(backbone: nn.Module, feature_dim: int, train_images, val_images, test_images,
                       num_classes: int, input_size: int, mean, std, epochs: int = 30, lr: float = 0.05,
                       batch_size: int = 64, patience: int | None = PATIENCE, seed: int = 0,
@@ -63,18 +96,19 @@ def evaluate_finetune(backbone: nn.Module, feature_dim: int, train_images, val_i
     torch.manual_seed(seed)
     model = build_classifier(backbone, feature_dim, num_classes).to(device)
     eval_transform = build_eval_transform(input_size, mean, std)
-    loader = build_train_loader(train_images, build_train_transform(input_size, mean, std, hflip), batch_size, seed, num_workers)
+    batches, score = training_route(train_images, eval_transform, batch_size, seed, hflip, num_workers, device)
+    val = prepare_scoring(val_images, eval_transform)
 
     def score_val() -> float:
-        logits, labels = _logits(model, val_images, eval_transform, batch_size, device, num_workers)
+        logits, labels = score(model, val)
         return topk_accuracy(logits, labels, 1)
 
     history = train_with_early_stopping(
-        model, model.parameters(), lambda epoch: loader, score_val, epochs=epochs, lr=lr,
+        model, model.parameters(), batches, score_val, epochs=epochs, lr=lr,
         weight_decay=WEIGHT_DECAY, patience=patience, device=device,
     )
     log.info("fine-tuning: best validation top-1 %.1f%% at epoch %d of %d run",
              100 * history.best_val_top1, history.best_epoch, len(history.val_top1))
-    logits, labels = _logits(model, test_images, eval_transform, batch_size, device, num_workers)
+    logits, labels = score(model, prepare_scoring(test_images, eval_transform))
     chosen = {"best_epoch": history.best_epoch, "epochs_run": len(history.val_top1), "lr": lr}
     return score_test(logits, labels, chosen, history.best_val_top1)

@@ -1,13 +1,24 @@
 """Labelled images -> augmented training batches, for the methods that see pixels while they
-train (fine-tuning, the scratch baseline, and the linear probe through the frozen backbone)."""
+train (fine-tuning, the scratch baseline, and the linear probe through the frozen backbone).
+
+Two routes with the same augmentation: per-image PIL transforms in a ``DataLoader`` (any size of
+image, any number), and, for sets that fit in memory, images decoded once (``load_pixels``) and
+augmented a whole batch at a time (``augmented_batches``), as pretraining's tensor pipeline does:
+no per-image Python work per epoch.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
 
+from ssl_pretrain.batch_transforms import BatchNormalize, BatchResizedCropFlip
 from ssl_pretrain.data import UnreadableImage
+from ssl_pretrain.transforms import EvalTransform
 
 MIN_CROP_SCALE = 0.5
 """Light augmentation for supervised training on few labels: crops of at least half the image
@@ -67,3 +78,82 @@ def build_train_loader(source, transform, batch_size: int, seed: int, num_worker
         collate_fn=_collate_labelled,
         drop_last=len(source) % batch_size == 1 and len(source) > 1,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Small images held in memory: decoded once, augmented a batch at a time
+
+
+IN_MEMORY_BYTES = 2 * 1024**3
+"""Labelled images are held decoded (uint8, at the input size) up to this size; larger sets stream
+from disk through ``build_train_loader``. CIFAR-10's 50,000 images at 32 px: 154 MB."""
+
+
+@dataclass
+class PixelSet:
+    """Readable images of a labelled source at the input size, decoded once.
+
+    Attributes:
+        pixels: ``(N, S, S, 3)`` uint8, the eval geometry applied (resize short side, centre crop).
+        labels: ``(N,)`` int64.
+    """
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_pixels(source, transform: EvalTransform, max_bytes: int = IN_MEMORY_BYTES) -> PixelSet | None:
+    """Decode every readable image of a labelled ``source`` once (None when it would exceed
+    ``max_bytes``). Unreadable files are left out, as they are from every extraction."""
+    size = transform.input_size
+    if len(source) * size * size * 3 > max_bytes or len(source) == 0:
+        return None
+    pixels = torch.empty(len(source), size, size, 3, dtype=torch.uint8)
+    labels, count = [], 0
+    for index in range(len(source)):
+        try:
+            pixels[count] = transform.to_uint8(source.load(index))
+        except UnreadableImage:
+            continue
+        labels.append(int(source.labels[index]))
+        count += 1
+    return PixelSet(pixels[:count], torch.tensor(labels, dtype=torch.int64))
+
+
+def augmented_batches(images: PixelSet, input_size: int, mean, std, batch_size: int, seed: int,
+                      hflip: bool = True):
+    """``epoch -> [(normalised augmented images (B, 3, S, S), labels (B,))]``: the training
+    augmentation of ``build_train_transform`` (crop scale 0.5-1, flip) done on whole batches in
+    memory (one ``grid_sample``), in an order and with draws fixed by ``(seed, epoch)``.
+
+    A last batch of one image is dropped, as ``build_train_loader`` does (BatchNorm).
+    """
+    crop = BatchResizedCropFlip(input_size, (MIN_CROP_SCALE, 1.0), flip_prob=0.5 if hflip else 0.0)
+    normalise = BatchNormalize(mean, std)
+
+    def batches(epoch: int):
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(len(images), generator=generator)
+        parts = [part for part in order.split(batch_size) if len(part) > 1 or len(images) == 1]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 100_003 + epoch)
+            for part in parts:
+                floats = images.pixels[part].permute(0, 3, 1, 2).float().div_(255)
+                yield normalise(crop(floats)), images.labels[part]
+
+    return batches
+
+
+@torch.no_grad()
+def pixel_logits(model: torch.nn.Module, images: PixelSet, transform: EvalTransform, device,
+                 batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, C)`` outputs of ``model`` (eval mode, restored after) and ``(N,)`` labels."""
+    was_training = model.training
+    model.eval()
+    outputs = [model(transform.normalise(images.pixels[start:start + batch_size].to(device))).float().cpu()
+               for start in range(0, len(images), batch_size)]
+    model.train(was_training)
+    return torch.cat(outputs).numpy(), images.labels.numpy()

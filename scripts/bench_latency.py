@@ -37,6 +37,7 @@ import torch
 from ssl_classifier.export import export_classifier
 from ssl_classifier.model import ClassifierInfo, ImageClassifier, load_network, save_classifier
 from ssl_classifier.predict import Classifier, predict_files
+from ssl_pretrain.allocator import keep_freed_memory
 from ssl_pretrain.backbones import build_backbone
 
 MODELS = {
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the channels-last model (compiling takes a minute)")
     parser.add_argument("--end-to-end", type=int, default=5000, help="files for the ssl-predict row (0: skip)")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as ssl-predict, linear-probe and pretraining do on CPUs
     print(f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"ISA {torch.backends.cpu.get_cpu_capability()}, bf16 native: {bf16_native()}, {date.today()}")
     with tempfile.TemporaryDirectory() as folder:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from torch import nn
 
 from linear_probe.embeddings import extract_embeddings, fingerprint_module
 from linear_probe.evaluate import check_same_classes, decoded_in_memory, resolve_device
-from linear_probe.images import build_train_loader, build_train_transform
+from linear_probe.finetune import prepare_scoring, training_route
 from linear_probe.linear import Standardise
 from linear_probe.metrics import classification_metrics
 from linear_probe.splits import LabelBudget, sample_label_subset, stratified_split
@@ -283,25 +283,26 @@ def _logits(network: ImageClassifier, source, transform, settings: FinetuneSetti
 def finetune_network(network: ImageClassifier, splits: LabelledSplits, transform, settings: FinetuneSettings,
                      weights, device) -> dict:
     """Train the whole ``network`` (head already trained) on augmented images; keep the epoch
-    with the best validation balanced accuracy."""
+    with the best validation balanced accuracy. Small images are decoded once and augmented a
+    batch at a time (``linear_probe.finetune.training_route``)."""
     resolved = settings.resolved()
     model = nn.Sequential(network.backbone, network.head)  # normalised input, as the transforms give
-    augment = build_train_transform(transform.input_size, transform.mean, transform.std, settings.hflip)
-    loader = build_train_loader(splits.train, augment, settings.batch_size, settings.seed, settings.num_workers)
+    batches, score = training_route(splits.train, transform, settings.batch_size, settings.seed, settings.hflip,
+                                    settings.num_workers, device)
+    val = prepare_scoring(splits.val, transform) if splits.val is not None else None
     parameters = [{"params": network.backbone.parameters(), "lr": resolved["lr"] * settings.backbone_lr_scale},
                   {"params": network.head.parameters(), "lr": resolved["lr"]}]
-    epochs_seen, quiet = [], replace(settings, progress=False)
+    epochs_seen = []
 
     def score_val() -> float:
-        if splits.val is None:
+        if val is None:  # no validation: a rising score keeps the last epoch
             epochs_seen.append(1)
             return len(epochs_seen) * 1e-9
-        scores, labels = _logits(network, splits.val, transform, quiet, device)
-        return _balanced_accuracy(scores, labels)
+        return _balanced_accuracy(*score(model, val))
 
     history = train_with_early_stopping(
-        model, parameters, lambda epoch: loader, score_val, epochs=resolved["epochs"], lr=resolved["lr"],
-        weight_decay=5e-4, patience=resolved["patience"] if splits.val is not None else None, device=device,
+        model, parameters, batches, score_val, epochs=resolved["epochs"], lr=resolved["lr"],
+        weight_decay=5e-4, patience=resolved["patience"] if val is not None else None, device=device,
         class_weights=weights, progress=settings.progress)
     return {"best_epoch": history.best_epoch, "epochs_run": len(history.val_top1)}
 

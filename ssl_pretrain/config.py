@@ -133,9 +133,10 @@ class TrainConfig(_Section):
     device: str = "auto"
     """``auto`` (CUDA, then MPS, then CPU), or any torch device string."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """``auto``: bf16 autocast on CUDA, fp32 elsewhere. On CPUs with AMX (Intel Sapphire Rapids
-    and later) ``bf16`` trains 1.6-3x faster (the CPU preset sets it; a run on such a CPU says so
-    in its log)."""
+    """``auto``: bf16 autocast where the hardware runs bf16 natively - CUDA from compute
+    capability 8, CPUs with AMX or AVX512-BF16 (1.6-3x faster than fp32 there) - and fp32
+    elsewhere, where bf16 is emulated and 10-40x slower (``ssl_pretrain.hardware``). A forced
+    ``bf16`` on such a CPU runs with a warning."""
     channels_last: Optional[bool] = None
     """Default: on for CUDA and CPU (oneDNN convolutions train 16-23% faster channels-last on
     the CPU measured), off for MPS."""

@@ -63,6 +63,7 @@ from ssl_pretrain.dataset import (
     seed_everything,
     worker_count,
 )
+from ssl_pretrain.hardware import bf16_native, resolve_precision
 from ssl_pretrain.model import SimCLR, build_loss, build_model
 from ssl_pretrain.optim import BudgetClock, build_optimizer, build_scheduler, scaled_lr
 from ssl_pretrain.run_folder import RunFolder
@@ -280,6 +281,7 @@ class Step:
     grad_clip: Optional[float]
     dist: DistInfo = field(default_factory=DistInfo)
     clock: Optional[BudgetClock] = None  # train.time_budget_minutes
+    forecast_done: bool = False  # the time budget's epoch forecast is logged once per process
 
 
 def train_step(step: Step, views: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -319,6 +321,36 @@ def check_finite_state(model: torch.nn.Module, state: RunState, run: RunFolder) 
             )
 
 
+FORECAST_AFTER_STEPS = 20
+"""Steps timed before a time-budgeted run forecasts its epochs (the first ones include warm-up:
+allocator, oneDNN kernel selection, loader start)."""
+FEW_EPOCHS = 2.0
+"""A budget that gives fewer epochs than this trains a network that has hardly seen its data."""
+
+
+def forecast_budget(cfg: Config, step: Step, state: RunState, rate: float, steps_per_epoch: int) -> float:
+    """Log the measured images/s and the epochs the time budget will give; warn when few.
+
+    Returns:
+        The forecast number of epochs in the whole budget.
+    """
+    remaining = max(step.clock.budget - step.clock.now, 0.0)
+    epoch_images = max(steps_per_epoch, 1) * cfg.train.batch_size
+    done = state.epoch + state.step_in_epoch / max(steps_per_epoch, 1)
+    epochs = min(done + rate * remaining / epoch_images, float(cfg.train.epochs))
+    log.info("measured %.0f images/s: the %g-minute budget gives about %.1f epochs", rate,
+             cfg.train.time_budget_minutes, epochs)
+    if epochs < FEW_EPOCHS:
+        causes = [f"{torch.get_num_threads()} compute threads on {os.cpu_count()} cores"]
+        if step.device.type == "cpu" and cfg.train.precision == "bf16" and not bf16_native(step.device):
+            causes.insert(0, "bf16 forced on a CPU that emulates it (set train.precision=auto)")
+        log.warning("only about %.1f epochs fit in the time budget at %.0f images/s: likely causes: %s; a slow "
+                    "disk or decoding (data.pipeline=tensor decodes once into memory); a backbone too large for "
+                    "this device (configs/cifar10_cpu.yaml is the CPU preset). Raise the budget or fix the cause.",
+                    epochs, rate, "; ".join(causes))
+    return epochs
+
+
 def run_epoch(cfg: Config, run: RunFolder, step: Step, loader, sampler, state: RunState, progress: bool) -> dict:
     """Train one epoch (from ``state.step_in_epoch`` on); returns the epoch's summary record."""
     sampler.set_epoch(state.epoch, state.step_in_epoch)
@@ -354,6 +386,9 @@ def run_epoch(cfg: Config, run: RunFolder, step: Step, loader, sampler, state: R
             raise diverged(loss, state, run, lr)
         images_seen, loss_sum, steps_done = images_seen + count * step.dist.world_size, loss_sum + loss, steps_done + 1
         rate = images_seen / (time.perf_counter() - started)
+        if step.clock is not None and not step.forecast_done and steps_done == FORECAST_AFTER_STEPS:
+            step.forecast_done = True
+            forecast_budget(cfg, step, state, rate, len(sampler))
         if state.global_step % cfg.train.log_every_steps == 0:
             run.append_metrics({"step": state.global_step, "epoch": state.epoch + 1, "loss": loss,
                                 "lr": lr, "images_per_s": rate})
@@ -376,7 +411,7 @@ def run_epoch(cfg: Config, run: RunFolder, step: Step, loader, sampler, state: R
 def make_step(cfg: Config, model: SimCLR, optimizer, scheduler, device: torch.device,
               dist_info: DistInfo = DistInfo()) -> Step:
     """Resolve precision, memory format, ``DistributedDataParallel`` and ``torch.compile`` once."""
-    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    use_bf16 = resolve_precision(cfg.train.precision, device)  # bf16 only where the hardware runs it natively
     # channels-last: tensor cores on GPUs; oneDNN's convolutions on CPUs (+16% smallconv, +23%
     # ResNet-18 training on 2 Xeon cores, BENCHMARKS.md section 1)
     channels_last = device.type in ("cuda", "cpu") if cfg.train.channels_last is None else cfg.train.channels_last
@@ -468,9 +503,6 @@ def _pretrain(cfg: Config, out_dir: str | Path, resume: bool, overwrite: bool, p
                  cfg.train.epochs, budget, scaled_lr(cfg.optim, cfg.train.batch_size))
         step = make_step(cfg, model, optimizer, scheduler, device, dist_info)
         step.clock = clock
-        if device.type == "cpu" and cfg.train.precision == "auto" and cpu_has_amx():
-            log.info("this CPU has AMX: --set train.precision=bf16 trains 1.6x (smallconv) to 3x (ResNet-18) "
-                     "faster here (BENCHMARKS.md section 1)")
         train_epochs(cfg, run, step, loader, sampler, state, progress)
         if run.writer:
             export_backbone(run.backbone_file, model.backbone, backbone_info(cfg, model.feature_dim, state.epoch))
@@ -478,14 +510,6 @@ def _pretrain(cfg: Config, out_dir: str | Path, resume: bool, overwrite: bool, p
                      len(state.skipped))
         barrier(dist_info)  # the others return once the backbone is on disk
         return run.backbone_file
-
-
-def cpu_has_amx() -> bool:
-    """Intel AMX tiles: oneDNN runs bf16 convolutions and matrix products on them."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 @contextmanager

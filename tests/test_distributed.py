@@ -43,6 +43,7 @@ ARGS = [
     "--set", "model.backbone=smallconv", "--set", "model.proj_hidden_dim=64", "--set", "model.proj_output_dim=32",
     "--set", "loss.temperature=0.2", "--set", "optim.lr=0.5", "--set", "optim.warmup_epochs=0",
     "--set", "train.log_every_steps=1", "--set", "train.sync_batchnorm=true", "--set", "train.threads=1",
+    "--set", "train.precision=fp32",  # auto is bf16 on CPUs with native bf16: tolerances here are fp32's
     # the default memory format: channels-last picks other convolution kernels, whose float32
     # rounding moves the second step's loss by ~1e-4 on these near-constant digits
     "--set", "train.channels_last=false",
@@ -188,7 +189,8 @@ def _tiny_setup(sync_batchnorm: bool, world: int, batch: int = 32):
     torch.set_default_dtype(torch.float64)
     cfg = load_config(None, ["model.backbone=smallconv", "model.proj_hidden_dim=32", "model.proj_output_dim=16",
                              "augment.input_size=16", "augment.min_scale=0.25", "optim.lr=0.5",
-                             "optim.warmup_epochs=0", f"train.batch_size={batch}", "loss.temperature=0.2"])
+                             "optim.warmup_epochs=0", f"train.batch_size={batch}", "loss.temperature=0.2",
+                             "train.precision=fp32"])
     dataset = TwoViewDataset(random_subset(open_source("builtin:digits:train"), batch),
                              build_view_transform(cfg.augment), seed=0)
     pairs = [dataset[(0, index)] for index in range(batch)]
