@@ -73,21 +73,6 @@ def resolve_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def warn_gpu_recipe_on_cpu(cfg, config_path: Optional[str]) -> bool:
-    """Without ``--config`` the defaults are the ResNet-18 GPU recipe (lightly's CIFAR-10
-    benchmark), which trains at ~35 images/s on 2 CPU cores; on a CPU say so and name the CPU
-    preset (~420 images/s fp32 on AVX2, 1,300 with native bf16). Kept as the default so that
-    the same command means the same recipe on every machine. Returns whether it warned."""
-    from ssl_pretrain.train import resolve_device
-
-    if config_path is not None or resolve_device(cfg.train.device).type != "cpu" or cfg.model.backbone == "smallconv":
-        return False
-    logging.getLogger("ssl_pretrain").warning(
-        "no --config: training the %s GPU recipe on a CPU (about 35 images/s on 2 cores); "
-        "--config configs/cifar10_cpu.yaml trains a CPU-sized network 10-40x faster", cfg.model.backbone)
-    return True
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -104,8 +89,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error("--out is required (the run folder)")
         setup_console_logging()
         from ssl_pretrain.train import DivergenceError, pretrain
-
-        warn_gpu_recipe_on_cpu(cfg, args.config)
 
         pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     except (ConfigError, DataError, CheckpointError, RunFolderError) as error:

@@ -13,10 +13,9 @@ import torch
 import yaml
 
 from ssl_pretrain import hardware
-from ssl_pretrain.cli import warn_gpu_recipe_on_cpu
 from ssl_pretrain.config import load_config
 from ssl_pretrain.optim import BudgetClock
-from ssl_pretrain.train import FEW_EPOCHS, RunState, Step, forecast_budget, make_step
+from ssl_pretrain.train import FEW_EPOCHS, RunState, Step, forecast_budget, make_step, warn_large_backbone_on_cpu
 
 from conftest import tiny_config
 
@@ -99,10 +98,10 @@ def test_a_budget_that_gives_enough_epochs_only_informs(caplog):
     assert 22 < epochs < 24 and "WARNING" not in [record.levelname for record in caplog.records]
 
 
-def test_the_gpu_recipe_on_a_cpu_names_the_cpu_preset(caplog):
-    cfg = load_config(None, ["train.device=cpu"])
+def test_a_resnet_on_a_cpu_names_the_cpu_preset(caplog):
+    cfg = load_config(None)  # no --config: the ResNet-18 GPU recipe
     with caplog.at_level(logging.WARNING, logger="ssl_pretrain"):
-        assert warn_gpu_recipe_on_cpu(cfg, None) is True
+        assert warn_large_backbone_on_cpu(cfg, CPU) is True
     assert "configs/cifar10_cpu.yaml" in caplog.text
-    assert warn_gpu_recipe_on_cpu(cfg, str(CONFIGS / "cifar10_resnet18.yaml")) is False
-    assert warn_gpu_recipe_on_cpu(load_config(CONFIGS / "cifar10_cpu.yaml", ["train.device=cpu"]), None) is False
+    assert warn_large_backbone_on_cpu(cfg, torch.device("cuda")) is False
+    assert warn_large_backbone_on_cpu(load_config(CONFIGS / "cifar10_cpu.yaml"), CPU) is False
