@@ -42,6 +42,9 @@ from ssl_pretrain.transforms import build_eval_transform
 log = logging.getLogger(__name__)
 
 MODES = ("linear", "finetune")
+LINEAR_HEAD_DEFAULTS = {"epochs": 100, "lr": 0.1, "patience": 20}
+"""The linear head's budget: MoCo v3's linear-probe learning rate on standardised features;
+100 epochs of a linear layer on cached features take seconds, early stopping ends most sooner."""
 BALANCING = ("auto", "weights", "none")
 IMBALANCE_RATIO = 1.5
 """``balance: auto`` weights the loss when the largest class has this many times the images of
@@ -105,9 +108,10 @@ class FinetuneSettings:
         """The settings with the per-mode defaults filled in (what ``classifier.json`` records)."""
         linear = self.mode == "linear"
         values = asdict(self)
-        values["epochs"] = self.epochs or (100 if linear else 30)
-        values["lr"] = self.lr or (0.1 if linear else 0.01)
-        values["patience"] = self.patience or (20 if linear else 10)
+        head = LINEAR_HEAD_DEFAULTS
+        values["epochs"] = self.epochs or (head["epochs"] if linear else 30)
+        values["lr"] = self.lr or (head["lr"] if linear else 0.01)
+        values["patience"] = self.patience or (head["patience"] if linear else 10)
         for transient in ("progress", "overwrite", "num_workers", "device"):
             values.pop(transient)
         return values
@@ -233,8 +237,8 @@ def train_linear_head(backbone, splits: LabelledSplits, transform, settings: Fin
     Returns:
         ``nn.Linear(D, C)`` on raw backbone features, and what was chosen (best epoch...).
     """
-    resolved = settings.resolved() if settings.mode == "linear" else {**settings.resolved(), "epochs": 100,
-                                                                         "lr": 0.1, "patience": 20}
+    # in finetune mode --epochs and --lr belong to the second stage; the head gets the linear defaults
+    resolved = settings.resolved() if settings.mode == "linear" else LINEAR_HEAD_DEFAULTS
     train_x, train_y = _features(backbone, splits.train, transform, settings, device)
     scaler = Standardise(train_x).to(device)
     linear = nn.Linear(train_x.shape[1], len(splits.classes)).to(device)
