@@ -59,7 +59,8 @@ def build_linear_head(train_features: np.ndarray, num_classes: int) -> nn.Sequen
     return nn.Sequential(Standardise(train_features), nn.Linear(train_features.shape[1], num_classes))
 
 
-def _feature_batches(features: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
+def feature_batches(features: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
+    """``epoch -> [(features, labels)]`` in an order fixed by ``(seed, epoch)``."""
     features, labels = torch.as_tensor(features), torch.as_tensor(labels)
 
     def batches(epoch: int):
@@ -111,7 +112,7 @@ def evaluate_linear(train_features: np.ndarray, train_labels: np.ndarray, val_fe
     """
     torch.manual_seed(seed)
     head = build_linear_head(train_features, num_classes).to(device)
-    batches = _feature_batches(train_features, train_labels, batch_size, seed)
+    batches = feature_batches(train_features, train_labels, batch_size, seed)
     # A linear layer on a batch of features is too small a product to share between CPU threads:
     # one thread is faster, and 50x faster on a busy machine.
     with _torch_threads(1 if torch.device(device).type == "cpu" else None):

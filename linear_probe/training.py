@@ -49,7 +49,7 @@ def train_with_early_stopping(
     model: nn.Module,
     parameters: Iterable[nn.Parameter],
     train_batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-    score_val: Callable[[], float],
+    score_val: Callable[[], float] | None,
     epochs: int,
     lr: float,
     weight_decay: float = 0.0,
@@ -65,7 +65,8 @@ def train_with_early_stopping(
         parameters: what the optimiser updates (the head alone for a linear probe), or SGD
             parameter groups (``[{"params": ..., "lr": ...}]``: a lower rate for a backbone).
         train_batches: ``epoch -> iterable of (inputs, labels)``, shuffled by the caller.
-        score_val: validation top-1 of the model as it is now.
+        score_val: validation score of the model as it is now; None when there is no validation
+            data: every epoch of the budget runs and the last one is kept.
         epochs: the budget; the schedule decays to zero over it.
         lr: SGD learning rate (momentum 0.9).
         patience: stop after this many epochs without a better validation score (None: never).
@@ -83,14 +84,19 @@ def train_with_early_stopping(
     for epoch in range(1, epochs + 1):
         history.train_loss.append(_train_one_epoch(model, optimizer, train_batches(epoch), device, weights))
         schedule.step()
+        bar.update(1)
+        if score_val is None:
+            history.best_epoch, best_state = epoch, None
+            history.val_top1.append(float("nan"))
+            continue
         val_top1 = score_val()
         history.val_top1.append(val_top1)
-        bar.update(1)
         bar.set_postfix(loss=f"{history.train_loss[-1]:.3f}", val=f"{100 * val_top1:.1f}")
         if val_top1 > history.best_val_top1:
             history.best_epoch, history.best_val_top1, best_state = epoch, val_top1, _snapshot(model)
         elif patience is not None and epoch - history.best_epoch >= patience:
             break
     bar.close()
-    model.load_state_dict(best_state)
+    if best_state is not None:
+        model.load_state_dict(best_state)
     return history

@@ -10,7 +10,7 @@ and timed in each runtime:
 * ``torch eager``: fp32, the default memory format, as a plain ``load_network`` gives it;
 * ``torch channels-last fp32``: what ``ssl-predict --runtime torch`` runs;
 * ``torch channels-last bf16``: autocast, only where the CPU runs bf16 natively (AMX or
-  AVX512-BF16: oneDNN says so); ``compiled``: ``torch.compile`` of the same, with ``--compile``;
+  AVX512-BF16, not held below them by ``ONEDNN_MAX_CPU_ISA``: ``ssl_pretrain.hardware``); ``compiled``: ``torch.compile`` of the same, with ``--compile``;
 * ``onnxruntime``: ``classifier.onnx`` from ``ssl-export``, CPU execution provider.
 
 Single-image latency: p50 and p99 over ``--repeats`` calls with a batch of one (after warm-up).
@@ -39,6 +39,7 @@ from ssl_classifier.model import ClassifierInfo, ImageClassifier, load_network, 
 from ssl_classifier.predict import Classifier, predict_files
 from ssl_pretrain.allocator import keep_freed_memory
 from ssl_pretrain.backbones import build_backbone
+from ssl_pretrain.hardware import cpu_bf16_native
 
 MODELS = {
     # name: (architecture, small_stem, input size) - smallconv32 is configs/cifar10_cpu.yaml's network
@@ -56,12 +57,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def bf16_native() -> bool:
-    """oneDNN's own answer (AMX / AVX512-BF16), not a guess from the flags; honours
-    ``ONEDNN_MAX_CPU_ISA`` (capped at AVX2 it says no)."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() not in ("AVX2", "AVX", "SSE41")
 
 
 def save_model(folder: Path, name: str, classes: int = 10) -> Path:
@@ -114,11 +109,11 @@ def torch_runners(folder: Path, compile_model: bool) -> dict:
     fast = fast.to(memory_format=torch.channels_last)
     runners = {"torch eager (fp32)": _torch_run(eager, False, False),
                "torch channels-last fp32 (ssl-predict)": _torch_run(fast, True, False)}
-    if bf16_native():
+    if cpu_bf16_native():
         runners["torch channels-last bf16"] = _torch_run(fast, True, True)
     if compile_model:
-        runners["torch channels-last compiled" + (" bf16" if bf16_native() else "")] = \
-            _torch_run(torch.compile(fast), True, bf16_native())
+        runners["torch channels-last compiled" + (" bf16" if cpu_bf16_native() else "")] = \
+            _torch_run(torch.compile(fast), True, cpu_bf16_native())
     return runners
 
 
@@ -176,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     keep_freed_memory()  # as ssl-predict, linear-probe and pretraining do on CPUs
     print(f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"ISA {torch.backends.cpu.get_cpu_capability()}, bf16 native: {bf16_native()}, {date.today()}")
+          f"ISA {torch.backends.cpu.get_cpu_capability()}, bf16 native: {cpu_bf16_native()}, {date.today()}")
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         rows = [row for name in args.models.split(",") for row in bench_model(name.strip(), args, root)]

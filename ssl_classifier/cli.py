@@ -134,7 +134,7 @@ def predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
                         help="onnxruntime runs the model's classifier.onnx (ssl-export) without torch model code")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, help="decoding threads (default: the machine's cores, at most 8)")
+    parser.add_argument("--workers", type=int, help="decoding processes (default: the machine's cores, at most 8)")
     parser.add_argument("--threads", type=int, help="inference threads (default: the runtime's own)")
     parser.add_argument("--device", default="cpu", help="torch runtime: cpu, cuda, cuda:1, mps, auto")
     parser.add_argument("--quiet", action="store_true")

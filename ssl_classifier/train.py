@@ -30,7 +30,7 @@ from torch import nn
 from linear_probe.embeddings import extract_embeddings, fingerprint_module
 from linear_probe.evaluate import check_same_classes, decoded_in_memory, resolve_device
 from linear_probe.finetune import prepare_scoring, training_route
-from linear_probe.linear import Standardise
+from linear_probe.linear import Standardise, feature_batches
 from linear_probe.metrics import classification_metrics
 from linear_probe.splits import LabelBudget, sample_label_subset, stratified_split
 from linear_probe.training import train_with_early_stopping
@@ -244,24 +244,16 @@ def train_linear_head(backbone, splits: LabelledSplits, transform, settings: Fin
     linear = nn.Linear(train_x.shape[1], len(splits.classes)).to(device)
     head = nn.Sequential(scaler, linear)
     val_x, val_y = _features(backbone, splits.val, transform, settings, device) if splits.val else (None, None)
-    features, labels = torch.as_tensor(train_x), torch.as_tensor(train_y)
-
-    def batches(epoch: int):
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(settings.seed * 100_003 + epoch))
-        return [(features[part], labels[part]) for part in order.split(settings.batch_size)]
-
-    epochs_seen = []
+    batches = feature_batches(train_x, train_y, settings.batch_size, settings.seed)
 
     def score_val() -> float:
-        if val_x is None:  # no validation: a rising score keeps the last epoch
-            epochs_seen.append(1)
-            return len(epochs_seen) * 1e-9
         with torch.no_grad():
             head.eval()
             return _balanced_accuracy(head(torch.as_tensor(val_x).to(device)).cpu().numpy(), val_y)
 
     history = train_with_early_stopping(
-        head, head.parameters(), batches, score_val, epochs=resolved["epochs"], lr=resolved["lr"],
+        head, head.parameters(), batches, score_val if val_x is not None else None,
+        epochs=resolved["epochs"], lr=resolved["lr"],
         patience=resolved["patience"] if val_x is not None else None, device=device, class_weights=weights,
         progress=settings.progress and settings.mode == "linear")
     return fold_standardisation(scaler, linear), {"best_epoch": history.best_epoch,
@@ -296,16 +288,12 @@ def finetune_network(network: ImageClassifier, splits: LabelledSplits, transform
     val = prepare_scoring(splits.val, transform) if splits.val is not None else None
     parameters = [{"params": network.backbone.parameters(), "lr": resolved["lr"] * settings.backbone_lr_scale},
                   {"params": network.head.parameters(), "lr": resolved["lr"]}]
-    epochs_seen = []
-
     def score_val() -> float:
-        if val is None:  # no validation: a rising score keeps the last epoch
-            epochs_seen.append(1)
-            return len(epochs_seen) * 1e-9
         return _balanced_accuracy(*score(model, val))
 
     history = train_with_early_stopping(
-        model, parameters, batches, score_val, epochs=resolved["epochs"], lr=resolved["lr"],
+        model, parameters, batches, score_val if val is not None else None,
+        epochs=resolved["epochs"], lr=resolved["lr"],
         weight_decay=5e-4, patience=resolved["patience"] if val is not None else None, device=device,
         class_weights=weights, progress=settings.progress)
     return {"best_epoch": history.best_epoch, "epochs_run": len(history.val_top1)}

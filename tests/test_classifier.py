@@ -303,3 +303,11 @@ def test_truncated_or_foreign_model_files_are_one_line_errors(linear_model, tmp_
     with pytest.raises(ClassifierError, match="not an ssl_classifier"):
         Classifier.load(foreign)
     assert not (foreign / "classifier.onnx").exists()
+
+
+def test_without_validation_the_whole_budget_runs_and_the_last_epoch_is_kept(backbone_run, tmp_path):
+    settings = FinetuneSettings(device="cpu", progress=False, epochs=7, val_fraction=0.0)
+    result = train_classifier(backbone_run, "builtin:digits:train", tmp_path / "model", settings=settings)
+    training = result.info.training
+    assert training["n_val"] == 0 and result.info.validation is None
+    assert training["epochs_run"] == 7 and training["best_epoch"] == 7
