@@ -90,6 +90,10 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
                         "image is another glyph")
     linear.add_argument("--finetune-epochs", type=int, default=DEFAULTS.finetune_epochs,
                         help="budget of fine-tuning and of the scratch baseline; early stopping on validation")
+    linear.add_argument("--finetune-max-fraction", type=float, default=DEFAULTS.finetune_max_fraction,
+                        help="fine-tune (and train the scratch baseline) only at label budgets up to this share "
+                        "of the labelled pool (default 0.1: the few-label budgets; 1.0: at every budget, "
+                        "a full supervised training per seed)")
     linear.add_argument("--finetune-lr", type=float, default=DEFAULTS.finetune_lr,
                         help="SGD learning rate of fine-tuning and of the scratch baseline")
 
@@ -131,6 +135,7 @@ def settings_from_args(args: argparse.Namespace) -> EvaluationSettings:
         hflip=not args.no_flip,
         finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr,
+        finetune_max_fraction=args.finetune_max_fraction,
         batch_size=args.batch_size,
         train_batch_size=args.train_batch_size,
         device=args.device,

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import ssl_pretrain
 from ssl_pretrain.allocator import keep_freed_memory
-from ssl_pretrain.backbones import resolve_small_stem
+from ssl_pretrain.backbones import BACKBONES, resolve_small_stem
 from ssl_pretrain.checkpoint import (
     BackboneInfo,
     atomic_write,
@@ -518,7 +518,7 @@ def warn_large_backbone_on_cpu(cfg: Config, device: torch.device) -> bool:
     benchmark), about 35 images/s on 2 CPU cores; on a CPU the log says so and names the CPU
     preset (420 images/s fp32 on AVX2, 1,300 with native bf16). The default stays the same on
     every device, so that one command means one recipe everywhere. Returns whether it warned."""
-    if device.type != "cpu" or cfg.model.backbone == "smallconv":
+    if device.type != "cpu" or BACKBONES[cfg.model.backbone].cpu_sized:
         return False
     log.warning("training %s on a CPU: about 35 images/s on 2 cores for ResNet-18 (the default, a GPU recipe); "
                 "--config configs/cifar10_cpu.yaml trains a CPU-sized network 10-40x faster", cfg.model.backbone)

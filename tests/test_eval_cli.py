@@ -39,7 +39,9 @@ def test_end_to_end_on_digit_folders_has_every_method_fraction_and_baseline(rand
                 ("logreg", "random_init"), ("logreg", "pixels"), ("linear", "ssl"), ("linear", "random_init"),
                 ("finetune", "ssl"), ("finetune", "scratch")}
     combos = {(row["method"], row["features"], row["label_fraction"], row["seed"]) for row in results["rows"]}
-    assert combos == {(m, f, fraction, seed) for m, f in expected for fraction in (0.01, 0.1, 1.0) for seed in (0, 1)}
+    # Fine-tuning and its scratch baseline run at the few-label budgets only (--finetune-max-fraction 0.1).
+    assert combos == {(m, f, fraction, seed) for m, f in expected for fraction in (0.01, 0.1, 1.0) for seed in (0, 1)
+                      if m != "finetune" or fraction <= 0.1}
     for row in results["rows"]:
         assert 0.0 <= row["top5"] <= 1.0 and row["top1"] <= row["top5"] and row["seconds"] >= 0
     one_percent = [row["n_train"] for row in results["rows"] if row["label_fraction"] == 0.01]
@@ -230,3 +232,19 @@ def test_a_given_validation_folder_is_used_instead_of_a_split(random_checkpoint,
     results = json.loads((out / "results.json").read_text())
     assert results["data"]["val"] == str(val) and results["data"]["n_val"] == 50
     assert results["data"]["n_pool"] == 300 and results["rows"][0]["n_train"] == 300  # all of train labelled
+
+
+def test_finetune_runs_at_full_labels_only_when_asked(random_checkpoint, digits_folders, tmp_path, capsys):
+    train, test = digits_folders
+    common = ["--checkpoint", str(random_checkpoint), "--train", str(train), "--test", str(test),
+              "--methods", "finetune", "--label-fractions", "1.0", "--seeds", "1", "--no-plots"] + FAST
+    # Nothing would run: one line saying which flag adds the budget, nothing written.
+    assert main(common + ["--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--finetune-max-fraction 1.0" in err and "Traceback" not in err
+    assert not (tmp_path / "none" / "results.json").exists()
+    assert main(common + ["--out", str(tmp_path / "all"), "--finetune-max-fraction", "1.0"]) == 0
+    rows = json.loads((tmp_path / "all" / "results.json").read_text())["rows"]
+    assert {(row["features"], row["label_fraction"]) for row in rows} == {("ssl", 1.0), ("scratch", 1.0)}
+    assert main(common + ["--out", str(tmp_path / "bad"), "--finetune-max-fraction", "0"]) == 2
+    assert "finetune-max-fraction" in capsys.readouterr().err

@@ -137,7 +137,7 @@ def _evaluate_on(folder, random_run: Path, out: Path) -> None:
     code = evaluate_main(["--checkpoint", str(random_run), "--train", str(folder.root), "--test-fraction", "0.3",
                           "--out", str(out), "--methods", "knn,logreg,finetune", "--label-fractions", "1.0",
                           "--seeds", "1", "--linear-epochs", "2", "--finetune-epochs", "1", "--device", "cpu",
-                          "--quiet"])
+                          "--finetune-max-fraction", "1.0", "--quiet"])
     assert code == 0
     # Every kind of features (ssl, random init, pixels) saw every good image and named every bad one.
     cached = sorted((out / "embeddings").glob("*-train-*.npy"))
