@@ -13,7 +13,7 @@ import sys
 from linear_probe.errors import EvaluationError
 from linear_probe.evaluate import METHODS, EvaluationSettings, evaluate
 from linear_probe.knn import DEFAULT_NPROBE, EXACT_BELOW, INDEXES, IVF_FROM_QUERIES, KNN_PROTOCOLS
-from linear_probe.splits import parse_label_budgets
+from linear_probe.splits import LABEL_SELECTIONS, parse_label_budgets
 from ssl_pretrain.checkpoint import CheckpointError
 from ssl_pretrain.data import DataError
 
@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     protocol.add_argument("--label-fractions", default="0.01,0.1,1.0",
                           help="labels per run: fractions of each class (0.01 = 1%%) or Npc for N per class "
                           "(5pc); every method runs at every budget, giving a label-efficiency curve")
+    protocol.add_argument("--label-selection", choices=LABEL_SELECTIONS, default=DEFAULTS.label_selection,
+                          help="how each budget's labelled images are chosen: random = class-balanced sample; "
+                          "typiclust, kcenter, kmeans = picked from the pretrained embeddings without labels "
+                          "(fraction x pool or N x classes images, as a user choosing what to label would), "
+                          "seeded by the seed; baselines use the same images")
     protocol.add_argument("--seeds", type=int, default=DEFAULTS.seeds,
                           help="label subsets and initialisations per budget; the table shows mean ± std")
     protocol.add_argument("--no-baselines", action="store_true",
@@ -121,6 +126,7 @@ def settings_from_args(args: argparse.Namespace) -> EvaluationSettings:
         methods=tuple(method.strip() for method in args.methods.split(",") if method.strip()),
         label_budgets=parse_label_budgets(args.label_fractions),
         seeds=args.seeds,
+        label_selection=args.label_selection,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
         split_seed=args.split_seed,

@@ -31,7 +31,8 @@ from linear_probe.linear import evaluate_linear, evaluate_linear_augmented
 from linear_probe.logreg import evaluate_logreg
 from linear_probe.report import format_table, make_row, summarise, write_report
 from linear_probe.scoring import ProbeResult
-from linear_probe.splits import LabelBudget, parse_label_budgets, sample_label_subset, stratified_split
+from linear_probe.splits import (LABEL_SELECTIONS, LabelBudget, parse_label_budgets, sample_label_subset,
+                                 select_label_subset, stratified_split)
 from ssl_pretrain.allocator import keep_freed_memory
 from ssl_pretrain.backbones import build_backbone
 from ssl_pretrain.checkpoint import BackboneInfo, load_backbone
@@ -68,6 +69,7 @@ class EvaluationSettings:
     methods: tuple[str, ...] = METHODS
     label_budgets: tuple[LabelBudget, ...] = parse_label_budgets("0.01,0.1,1.0")
     seeds: int = 3
+    label_selection: str = "random"  # or a strategy of ssl_curate.selection on the ssl embeddings
     val_fraction: float = 0.1
     test_fraction: float | None = None
     split_seed: int = 0
@@ -96,6 +98,9 @@ class EvaluationSettings:
         unknown = [method for method in self.methods if method not in METHODS]
         if unknown or not self.methods:
             raise EvaluationError(f"unknown method(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(METHODS)}")
+        if self.label_selection not in LABEL_SELECTIONS:
+            raise EvaluationError(f"unknown label selection '{self.label_selection}': choose from "
+                                  f"{', '.join(LABEL_SELECTIONS)}")
         for name in ("seeds", "knn_k", "linear_epochs", "finetune_epochs", "batch_size", "train_batch_size"):
             if getattr(self, name) < 1:
                 raise EvaluationError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -372,6 +377,30 @@ def check_finetune_budgets(settings: EvaluationSettings, pool_size: int) -> None
                  "(--finetune-max-fraction 1.0 adds them)", 100 * settings.finetune_max_fraction, ", ".join(skipped))
 
 
+def draw_labelled(context: _Context, budget: LabelBudget, seed: int) -> SubsetSource:
+    """The labelled subset of one (budget, seed), shared by every method and kind of features:
+    class-balanced at random, or picked by ``settings.label_selection`` from the pool's ssl
+    embeddings without reading a label."""
+    pool, strategy = context.data.pool, context.settings.label_selection
+    if strategy == "random":
+        return pool.subset(sample_label_subset(pool.labels, budget, seed))
+    embeddings = context.features("ssl", "pool", pool)  # unreadable images have no row
+    rows = select_label_subset(embeddings.features, budget, len(context.data.classes), strategy, seed)
+    position_in_pool = {int(index): position for position, index in enumerate(pool.indices)}
+    chosen = pool.subset(np.sort([position_in_pool[int(index)] for index in embeddings.indices[rows]]))
+    missing = len(context.data.classes) - len(np.unique(chosen.labels))
+    log.info("%s picked %d images for %s labels, seed %d: %d class(es) without a label", strategy,
+             len(chosen), budget.label, seed, missing)
+    return chosen
+
+
+def skip_reason(method: str, labelled: SubsetSource) -> str | None:
+    """Why ``method`` cannot learn from ``labelled`` (a selection may miss classes), or None."""
+    if method == "logreg" and len(np.unique(labelled.labels)) < 2:
+        return "logistic regression needs labelled images of at least two classes"
+    return None
+
+
 def run_protocol(context: _Context) -> tuple[list[dict], dict]:
     """Every (label budget, seed, method, features) once.
 
@@ -383,9 +412,12 @@ def run_protocol(context: _Context) -> tuple[list[dict], dict]:
     rows, predictions, done = [], {}, {}
     for budget in settings.label_budgets:
         for seed in range(settings.seeds):
-            labelled = data.pool.subset(sample_label_subset(data.pool.labels, budget, seed))
+            labelled = draw_labelled(context, budget, seed)
             for method in settings.methods:
                 if method == "finetune" and not fine_tunes_at(budget, len(data.pool), settings):
+                    continue
+                if (reason := skip_reason(method, labelled)) is not None:
+                    log.warning("%s skipped at %s labels, seed %d: %s", method, budget.label, seed, reason)
                     continue
                 kinds = ("ssl",) + (BASELINES[method] if settings.baselines else ())
                 for kind in kinds:
@@ -398,8 +430,9 @@ def run_protocol(context: _Context) -> tuple[list[dict], dict]:
                         result, n_train = run_feature_method(context, method, kind, labelled, seed)
                     if method in SEED_FREE_METHODS:
                         done.setdefault(key, (result, n_train))
-                    rows.append(name_classes(make_row(kind, method, budget, seed, result, n_train, len(data.pool),
-                                                      time.perf_counter() - start), data.classes))
+                    row = make_row(kind, method, budget, seed, result, n_train, len(data.pool),
+                                   time.perf_counter() - start)
+                    rows.append(name_classes({**row, "label_selection": settings.label_selection}, data.classes))
                     log.info("%s on %s features, %s labels, seed %d: top-1 %.1f%%",
                              method, kind, budget.label, seed, 100 * result.top1)
                     if seed == 0:
@@ -487,6 +520,9 @@ def evaluate(checkpoint: str | Path, train: str, out_dir: str | Path, *, test: s
     feature_sets = extract_feature_sets(extractors, data, cache_dir, fingerprints, settings, device)
     context = _Context(data, feature_sets, extractors, backbone, info, settings, device)
     rows, predictions = run_protocol(context)
+    if not rows:
+        raise EvaluationError("every run was skipped (see the warnings): the labelled subsets hold a single "
+                              "class; give a larger label budget or more methods")
     specs = {"train": train, "test": test or f"{settings.test_fraction} of train",
              "val": val or (f"{settings.val_fraction} of train" if data.val is not None else None)}
     meta = _describe_run(checkpoint, info, specs, data, fingerprints, settings)

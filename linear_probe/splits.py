@@ -94,6 +94,35 @@ def sample_label_subset(labels: np.ndarray, budget: LabelBudget, seed: int) -> n
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
+LABEL_SELECTIONS = ("random", "typiclust", "kcenter", "kmeans")
+"""How a label budget's images are chosen: ``random`` is ``sample_label_subset`` (class-balanced,
+reads the labels); the others are ``ssl_curate.selection`` strategies on the pretrained embeddings,
+which never read a label (what a user without labels can do)."""
+
+
+def label_count(budget: LabelBudget, pool_size: int, num_classes: int) -> int:
+    """Images a budget buys when they are chosen without labels: ``fraction x pool`` (at least 1)
+    or ``per_class x classes``, at most the pool."""
+    if budget.per_class is not None:
+        return min(pool_size, budget.per_class * num_classes)
+    return min(pool_size, max(1, int(round(budget.fraction * pool_size))))
+
+
+def select_label_subset(features: np.ndarray, budget: LabelBudget, num_classes: int, strategy: str,
+                        seed: int) -> np.ndarray:
+    """Sorted rows of ``features`` (``(N, D)``, the pool's pretrained embeddings) that ``strategy``
+    picks for ``budget``, without labels; ``label_count`` of them.
+
+    Raises:
+        EvaluationError: an unknown strategy (``ssl_curate.selection.SelectionError``).
+    """
+    from ssl_curate.selection import select_indices  # ssl_curate imports linear_probe, not the reverse at load
+
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True).clip(min=1e-12)
+    count = label_count(budget, len(features), num_classes)
+    return np.sort(select_indices(unit, count, strategy, seed))
+
+
 def stratified_split(labels: np.ndarray, fraction: float, seed: int, what: str = "validation"):
     """Split positions into ``(kept, held_out)`` with ``fraction`` of every class held out.
 

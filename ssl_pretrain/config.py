@@ -173,7 +173,16 @@ class MonitorConfig(_Section):
     """k=200, T=0.1: the InstDisc protocol used by lightly's benchmarks."""
 
 
+VARIANT_CONDITIONS = {
+    "no_fast_bf16": "no AMX tiles on the CPU and no CUDA GPU of compute capability 8+ (AVX2-only CPUs, "
+                    "AVX512-BF16 without AMX, Apple MPS): training runs in fp32",
+}
+"""The conditions a preset's ``variants:`` section may be keyed by (``ssl_pretrain.hardware``)."""
+
+
 class Config(_Section):
+    variant: Optional[str] = None
+    """The preset variant ``load_config`` applied for this hardware (informational; set by it)."""
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
     model: ModelConfig = ModelConfig()
@@ -242,7 +251,12 @@ def _apply_override(tree: dict, parts: list[str], value: Any) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
-    """Defaults, then the YAML file at ``path``, then ``KEY=VALUE`` overrides.
+    """Defaults, then the YAML file at ``path``, then its ``variants:`` entry that fits this
+    hardware (if any), then ``KEY=VALUE`` overrides.
+
+    A preset may hold ``variants: {CONDITION: {dotted.key: value, ...}}``, CONDITION one of
+    ``VARIANT_CONDITIONS``: settings measured to be better where that condition holds (the CPU
+    preset trains a narrower network where training runs in fp32). ``--set`` still wins.
 
     Raises:
         ConfigError: a missing or malformed file, an unknown key or a bad value (one line).
@@ -260,11 +274,40 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, not {type(loaded).__name__}")
         tree = loaded or {}
-    for text in overrides:
-        parts, value = parse_override(text)
+    user = [parse_override(text) for text in overrides]
+    variants = tree.pop("variants", None)
+    if variants is not None:
+        _apply_variant(tree, _check_variants(variants, origin), user)
+    for parts, value in user:
         _apply_override(tree, parts, value)
         origin = f"{origin} + --set"
     try:
         return Config.model_validate(tree)
     except ValidationError as error:
         raise ConfigError(_format_validation_error(error, origin)) from None
+
+
+def _check_variants(variants: Any, origin: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(variants, dict):
+        raise ConfigError(f"{origin}: 'variants' must map a condition to settings, not {type(variants).__name__}")
+    for condition, settings in variants.items():
+        if condition not in VARIANT_CONDITIONS:
+            raise ConfigError(f"{origin}: unknown variant condition '{condition}'; "
+                              f"allowed: {', '.join(VARIANT_CONDITIONS)}")
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{origin}: variant '{condition}' must map dotted keys to values")
+    return variants
+
+
+def _apply_variant(tree: dict, variants: dict[str, dict[str, Any]], user: list) -> None:
+    """Apply the first variant whose condition holds on the device the run will use."""
+    from ssl_pretrain.hardware import fast_bf16
+
+    device = next((value for parts, value in reversed(user) if parts == ["train", "device"]), None)
+    device = device or (tree.get("train") or {}).get("device") or "auto"
+    for condition, settings in variants.items():
+        if condition == "no_fast_bf16" and not fast_bf16(str(device)):
+            for key, value in settings.items():
+                _apply_override(tree, [part for part in str(key).split(".") if part], value)
+            tree["variant"] = condition
+            return

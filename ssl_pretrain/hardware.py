@@ -6,16 +6,25 @@ emulates it (a 2-core AMD EPYC with AVX2: 35 images/s instead of 420 for the CPU
 #12). So ``precision: auto`` asks the hardware instead of trusting a preset:
 
 * CUDA: bf16 from compute capability 8 (Ampere) on, where tensor cores run it;
-* CPU: bf16 where oneDNN has native bf16 instructions (AMX tiles, or AVX512-BF16), and only if
-  ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) does not hold oneDNN below them - that is how
-  an AMX machine is made to behave like an AVX2 one, and oneDNN obeys it, so must we;
+* CPU with AMX tiles: bf16 (1.6-3x measured);
+* CPU with AVX512-BF16 but no AMX: not clear-cut - on 2 Xeon cores without AMX tiles bf16
+  autocast trained smallconv at 0.8x its fp32 speed (2026-12-01), so a few-second probe times
+  both on the run's own network and keeps the faster; the answer is cached per machine and
+  workload (``precision_cache_path``) and said in the log;
+* native bf16 counts only if ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) does not hold
+  oneDNN below it - that is how an AMX machine is made to behave like an AVX2 one, and oneDNN
+  obeys it, so must we;
 * anything else (MPS, other CPUs): fp32.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import platform
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -24,6 +33,10 @@ log = logging.getLogger(__name__)
 BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX10_1_512_AMX",
              "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2", "ALL", "DEFAULT")
 """oneDNN ISA caps (``ONEDNN_MAX_CPU_ISA``) that still allow its native bf16 kernels."""
+AMX_ISAS = tuple(isa for isa in BF16_ISAS if "AMX" in isa or isa in ("ALL", "DEFAULT"))
+"""oneDNN ISA caps that still allow AMX."""
+BF16_PROBE_MARGIN = 1.1
+"""bf16 must train this much faster than fp32 in the probe to be chosen (fp32 is exact)."""
 EMULATED_BF16_SLOWDOWN = "10-40x"
 """bf16 autocast on a CPU without bf16 instructions, against fp32 (issue #12: 35.5 vs ~420
 images/s for the CPU preset on a 2-core AMD EPYC with AVX2)."""
@@ -52,6 +65,82 @@ def cpu_bf16_native() -> bool:
     return cpu_bf16_instructions() and (cap is None or cap in BF16_ISAS)
 
 
+def cpu_amx() -> bool:
+    """AMX tiles on this CPU, and oneDNN allowed to use them."""
+    try:
+        present = bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        present = False
+    cap = onednn_isa_cap()
+    return present and (cap is None or cap in AMX_ISAS)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def precision_cache_path() -> Path:
+    """Where probed precision answers are kept: ``$SSL_PRETRAIN_CACHE``, else
+    ``$XDG_CACHE_HOME/ssl-pretrain``, else ``~/.cache/ssl-pretrain``; file ``precision.json``."""
+    root = os.environ.get("SSL_PRETRAIN_CACHE")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ssl-pretrain"
+    return Path(root) / "precision.json"
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        cached = json.loads(path.read_text())
+        return cached if isinstance(cached, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(path: Path, cache: dict) -> None:
+    """Atomic; a cache that cannot be written is only a missed shortcut."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".tmp{os.getpid()}")
+        temporary.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
+        os.replace(temporary, path)
+    except OSError as error:
+        log.debug("precision cache not written (%s)", error)
+
+
+def probe_key(workload: str) -> str:
+    """The cache key: this CPU, its instruction caps, torch, the threads and the workload."""
+    return " | ".join([cpu_name(), describe_cpu(), f"torch {torch.__version__}",
+                       f"{torch.get_num_threads()} threads", workload])
+
+
+def probed_bf16(probe: Callable[[], dict[str, float]] | None, workload: str) -> bool:
+    """Whether bf16 autocast trains ``workload`` faster here: the cached answer, else ``probe()``
+    (images/s for ``fp32`` and ``bf16``), kept when bf16 wins by ``BF16_PROBE_MARGIN``. Without a
+    probe (distributed runs: every rank must agree): fp32."""
+    path, key = precision_cache_path(), probe_key(workload)
+    cache = _read_cache(path)
+    if key in cache and {"fp32", "bf16"} <= set(cache[key]):
+        rates, source = cache[key], f"cached in {path}"
+    elif probe is None:
+        log.info("precision auto: AVX512-BF16 without AMX, not probed here: fp32")
+        return False
+    else:
+        rates, source = probe(), f"probed now, cached in {path}"
+        cache[key] = {name: round(float(rate), 1) for name, rate in rates.items()}
+        _write_cache(path, cache)
+    use_bf16 = rates["bf16"] > BF16_PROBE_MARGIN * rates["fp32"]
+    log.info("precision auto: AVX512-BF16 without AMX is not clear-cut; fp32 %.0f images/s, bf16 %.0f (%s): %s",
+             rates["fp32"], rates["bf16"], source, "bf16 autocast" if use_bf16 else "fp32")
+    return use_bf16
+
+
 def bf16_native(device: torch.device) -> bool:
     """Whether bf16 autocast speeds ``device`` up rather than being emulated."""
     if device.type == "cuda":
@@ -59,6 +148,20 @@ def bf16_native(device: torch.device) -> bool:
     if device.type == "cpu":
         return cpu_bf16_native()
     return False
+
+
+def fast_bf16(device: str) -> bool:
+    """Whether bf16 is clearly the fast precision on ``device`` (a ``train.device`` string):
+    CUDA from compute capability 8, CPUs with AMX tiles. Decides a preset's ``no_fast_bf16``
+    variant before the network is built."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        try:
+            return torch.cuda.is_available() and torch.cuda.get_device_capability(torch.device(device))[0] >= 8
+        except (RuntimeError, AssertionError, ValueError):
+            return False
+    return device == "cpu" and cpu_bf16_native() and cpu_amx()
 
 
 def describe_cpu() -> str:
@@ -69,11 +172,14 @@ def describe_cpu() -> str:
     return f"{capability}, {native}" + (f" (oneDNN held to {cap})" if cap else "")
 
 
-def resolve_precision(precision: str, device: torch.device) -> bool:
+def resolve_precision(precision: str, device: torch.device,
+                      probe: Callable[[], dict[str, float]] | None = None, workload: str = "") -> bool:
     """``train.precision`` -> whether to train under bf16 autocast.
 
-    ``auto``: bf16 where native (``bf16_native``), fp32 elsewhere. A forced ``bf16`` where it is
-    emulated runs as asked, with a warning that names the cost and the fix.
+    ``auto``: bf16 where native and clear-cut (CUDA from capability 8, CPUs with AMX); on a CPU
+    with AVX512-BF16 but no AMX, ``probe`` decides (``probed_bf16``, cached per ``workload``);
+    fp32 elsewhere. A forced ``bf16`` where it is emulated runs as asked, with a warning that
+    names the cost and the fix.
     """
     native = bf16_native(device)
     if device.type == "cpu":
@@ -83,6 +189,8 @@ def resolve_precision(precision: str, device: torch.device) -> bool:
     else:
         where = device.type
     if precision == "auto":
+        if native and device.type == "cpu" and not cpu_amx():
+            return probed_bf16(probe, workload)
         log.info("precision auto: %s on %s (%s)", "bf16 autocast" if native else "fp32", device.type, where)
         return native
     if precision == "bf16" and not native:

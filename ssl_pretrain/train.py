@@ -6,6 +6,7 @@ a checkpoint after every epoch, the backbone exported at the end.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ from ssl_pretrain.checkpoint import (
     load_state_dict_strict,
     save_checkpoint,
 )
-from ssl_pretrain.config import Config, ConfigError
+from ssl_pretrain.config import VARIANT_CONDITIONS, Config, ConfigError
 from ssl_pretrain.batch_transforms import build_batch_augment
 from ssl_pretrain.data import (
     DataError,
@@ -408,13 +409,48 @@ def run_epoch(cfg: Config, run: RunFolder, step: Step, loader, sampler, state: R
             "skipped_files": len(state.skipped), "budget_reached": budget_reached}
 
 
+PROBE_STEPS = 3
+"""Timed forward+backward passes per precision in the start-up probe (after one untimed)."""
+
+
+def probe_workload(cfg: Config, channels_last: bool) -> str:
+    """What the precision probe's answer depends on besides the machine."""
+    return (f"{cfg.model.backbone} {cfg.augment.input_size}px batch {cfg.train.batch_size}"
+            f"{' channels-last' if channels_last else ''}")
+
+
+def probe_precisions(cfg: Config, model: SimCLR, device: torch.device, channels_last: bool) -> dict[str, float]:
+    """Images/s of forward+backward of a copy of ``model`` in fp32 and under bf16 autocast, on
+    random views of the run's size (a batch of at most 64 images, so a large network still takes
+    seconds). The model, its BatchNorm statistics and the random state are left as they were."""
+    images = min(cfg.train.batch_size, 64)
+    size, memory_format = cfg.augment.input_size, torch.channels_last if channels_last else torch.contiguous_format
+    rates = {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        network = copy.deepcopy(model).train()
+        views = torch.randn(2 * images, 3, size, size, device=device).contiguous(memory_format=memory_format)
+        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            context = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+            for index in range(PROBE_STEPS + 1):
+                if index == 1:
+                    started = time.perf_counter()
+                with context:
+                    loss = network(views).float().square().mean()
+                loss.backward()
+                network.zero_grad(set_to_none=True)
+            rates[name] = PROBE_STEPS * images / (time.perf_counter() - started)
+    return rates
+
+
 def make_step(cfg: Config, model: SimCLR, optimizer, scheduler, device: torch.device,
               dist_info: DistInfo = DistInfo()) -> Step:
     """Resolve precision, memory format, ``DistributedDataParallel`` and ``torch.compile`` once."""
-    use_bf16 = resolve_precision(cfg.train.precision, device)  # bf16 only where the hardware runs it natively
     # channels-last: tensor cores on GPUs; oneDNN's convolutions on CPUs (+16% smallconv, +23%
     # ResNet-18 training on 2 Xeon cores, BENCHMARKS.md section 1)
     channels_last = device.type in ("cuda", "cpu") if cfg.train.channels_last is None else cfg.train.channels_last
+    # bf16 only where the hardware runs it natively and faster (a probe decides where unclear)
+    probe = None if dist_info.enabled else lambda: probe_precisions(cfg, model, device, channels_last)
+    use_bf16 = resolve_precision(cfg.train.precision, device, probe, workload=probe_workload(cfg, channels_last))
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -502,6 +538,9 @@ def _pretrain(cfg: Config, out_dir: str | Path, resume: bool, overwrite: bool, p
         log.info("run %s on %s%s: %s, %d epochs%s, peak lr %.4g", run.path, device,
                  f" x {dist_info.world_size} ranks" if dist_info.enabled else "", cfg.model.backbone,
                  cfg.train.epochs, budget, scaled_lr(cfg.optim, cfg.train.batch_size))
+        if cfg.variant:
+            log.info("preset variant '%s' applied (%s): %s", cfg.variant, VARIANT_CONDITIONS[cfg.variant],
+                     "see the preset's variants section")
         step = make_step(cfg, model, optimizer, scheduler, device, dist_info)
         step.clock = clock
         train_epochs(cfg, run, step, loader, sampler, state, progress)

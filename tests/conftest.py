@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,10 @@ from PIL import Image
 
 from ssl_pretrain.config import Config, load_config
 from ssl_pretrain.data import digits_source
+
+# The precision probe's answers go to a throw-away cache, never the user's ~/.cache (subprocesses
+# started by tests inherit it).
+os.environ["SSL_PRETRAIN_CACHE"] = tempfile.mkdtemp(prefix="ssl-pretrain-cache-")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -5,6 +5,7 @@ runs on any machine; nothing here depends on what the test machine has."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -25,8 +26,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 @pytest.fixture
 def bf16_cpu(monkeypatch):
-    """A CPU with AMX / AVX512-BF16, and no cap on oneDNN."""
+    """A CPU with AMX (and AVX512-BF16), and no cap on oneDNN."""
     monkeypatch.setattr(hardware, "cpu_bf16_instructions", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_amx", lambda: hardware.onednn_isa_cap() in (None, *hardware.AMX_ISAS))
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
 
@@ -70,6 +72,60 @@ def test_the_training_step_follows_the_hardware_answer(bf16_cpu, monkeypatch):
         assert not torch.is_autocast_enabled("cpu")
 
 
+@pytest.fixture
+def avx512_bf16_cpu(monkeypatch, tmp_path):
+    """AVX512-BF16 without AMX tiles: the unclear case, decided by a probe; a fresh cache."""
+    monkeypatch.setattr(hardware, "cpu_bf16_instructions", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_amx", lambda: False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("SSL_PRETRAIN_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "precision.json"
+
+
+def test_without_amx_a_probe_decides_once_and_the_answer_is_cached(avx512_bf16_cpu, caplog):
+    calls = []
+
+    def probe(rates):
+        return lambda: calls.append(rates) or rates
+
+    with caplog.at_level(logging.INFO, logger="ssl_pretrain"):
+        assert hardware.resolve_precision("auto", CPU, probe({"fp32": 800.0, "bf16": 650.0}), "net A") is False
+    assert "not clear-cut" in caplog.text and "fp32 800 images/s, bf16 650" in caplog.text
+    # The same machine and workload again: the cache answers, the probe is not run.
+    assert hardware.resolve_precision("auto", CPU, probe({"fp32": 1.0, "bf16": 1e6}), "net A") is False
+    assert len(calls) == 1 and "cached in" in caplog.text
+    # Another workload is probed on its own; bf16 must win by the margin.
+    assert hardware.resolve_precision("auto", CPU, probe({"fp32": 500.0, "bf16": 540.0}), "net B") is False
+    assert hardware.resolve_precision("auto", CPU, probe({"fp32": 500.0, "bf16": 900.0}), "net C") is True
+    assert len(calls) == 3 and len(json.loads(avx512_bf16_cpu.read_text())) == 3
+    # No probe (a distributed run, where every rank must agree) and nothing cached: fp32.
+    assert hardware.resolve_precision("auto", CPU, None, "net D") is False
+    # A corrupt cache is only a missed shortcut.
+    avx512_bf16_cpu.write_text("{not json")
+    assert hardware.resolve_precision("auto", CPU, probe({"fp32": 500.0, "bf16": 900.0}), "net C") is True
+
+
+def test_the_probe_times_the_run_network_and_leaves_it_untouched(avx512_bf16_cpu):
+    from ssl_pretrain.model import build_model
+    from ssl_pretrain.optim import build_optimizer, build_scheduler
+    from ssl_pretrain.train import probe_precisions
+
+    cfg = tiny_config("train.precision=auto")
+    model = build_model(cfg.model, True)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    torch.manual_seed(3)
+    expected_next = torch.rand(3)
+    torch.manual_seed(3)
+    rates = probe_precisions(cfg, model, CPU, channels_last=True)
+    assert set(rates) == {"fp32", "bf16"} and all(rate > 0 for rate in rates.values())
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())  # BN stats too
+    assert torch.equal(torch.rand(3), expected_next)  # the run's random stream is not consumed
+    optimizer = build_optimizer(model, cfg.optim, cfg.train.batch_size)
+    make_step(cfg, model, optimizer, build_scheduler(optimizer, cfg.optim, 10, 1), CPU)
+    assert len(json.loads(avx512_bf16_cpu.read_text())) == 1  # make_step probed and cached
+
+
 def test_no_preset_hard_codes_bf16():
     for path in CONFIGS.glob("*.yaml"):
         precision = (yaml.safe_load(path.read_text()).get("train") or {}).get("precision", "auto")
@@ -105,3 +161,56 @@ def test_a_resnet_on_a_cpu_names_the_cpu_preset(caplog):
     assert "configs/cifar10_cpu.yaml" in caplog.text
     assert warn_large_backbone_on_cpu(cfg, torch.device("cuda")) is False
     assert warn_large_backbone_on_cpu(load_config(CONFIGS / "cifar10_cpu.yaml"), CPU) is False
+
+
+def test_the_cpu_preset_picks_its_variant_by_hardware_and_set_still_wins(monkeypatch):
+    preset = CONFIGS / "cifar10_cpu.yaml"
+    monkeypatch.setattr(hardware, "fast_bf16", lambda device: True)  # AMX, or CUDA capability 8+
+    cfg = load_config(preset)
+    assert cfg.variant is None and cfg.model.backbone == "smallconv"
+    devices = []
+    monkeypatch.setattr(hardware, "fast_bf16", lambda device: devices.append(device) or False)  # fp32 hardware
+    cfg = load_config(preset)
+    assert cfg.variant == "no_fast_bf16" and cfg.model.backbone == "smallconv-xs"
+    assert load_config(preset, ["model.backbone=smallconv-s"]).model.backbone == "smallconv-s"
+    load_config(preset, ["train.device=cuda:1"])
+    assert devices == ["auto", "auto", "cuda:1"]  # the device the run will use decides
+
+
+def test_fast_bf16_means_amx_or_cuda_8(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_bf16_instructions", lambda: True)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_amx", lambda: True)
+    assert hardware.fast_bf16("auto") and hardware.fast_bf16("cpu")
+    monkeypatch.setattr(hardware, "cpu_amx", lambda: False)  # AVX512-BF16 alone: not clear-cut
+    assert not hardware.fast_bf16("auto") and not hardware.fast_bf16("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert hardware.fast_bf16("auto") and hardware.fast_bf16("cuda:0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert not hardware.fast_bf16("cuda")
+
+
+@pytest.mark.parametrize("variants, message", [
+    ("variants: {on_tuesdays: {model.backbone: smallconv}}", "unknown variant condition 'on_tuesdays'"),
+    ("variants: [model.backbone]", "'variants' must map a condition"),
+    ("variants: {no_fast_bf16: {model.colour: red}}", "unknown config key 'model.colour'"),
+])
+def test_a_bad_variants_section_is_one_line(tmp_path, monkeypatch, variants, message):
+    from ssl_pretrain.config import ConfigError
+
+    monkeypatch.setattr(hardware, "fast_bf16", lambda device: False)
+    path = tmp_path / "preset.yaml"
+    path.write_text(variants + "\nmodel: {backbone: smallconv}\n")
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(path)
+    assert "\n" not in str(error.value)
+
+
+def test_a_resolved_run_config_loads_again(monkeypatch, tmp_path):
+    monkeypatch.setattr(hardware, "fast_bf16", lambda device: False)
+    cfg = load_config(CONFIGS / "cifar10_cpu.yaml")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert load_config(path) == cfg  # the variant's values and its name, no variants section
