@@ -234,7 +234,7 @@ def build_feature_extractors(backbone: nn.Module, info: BackboneInfo, settings: 
     transform = build_eval_transform(info.input_size, info.mean, info.std)
     feature_methods = [method for method in settings.methods if method != "finetune"]
     extractors = {}
-    if feature_methods or settings.plots:
+    if feature_methods or settings.plots or settings.label_selection != "random":  # selection reads ssl embeddings
         extractors["ssl"] = (backbone, transform)
     wanted = {kind for method in feature_methods for kind in BASELINES[method]} if settings.baselines else set()
     if "random_init" in wanted:

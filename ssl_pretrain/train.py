@@ -539,8 +539,8 @@ def _pretrain(cfg: Config, out_dir: str | Path, resume: bool, overwrite: bool, p
                  f" x {dist_info.world_size} ranks" if dist_info.enabled else "", cfg.model.backbone,
                  cfg.train.epochs, budget, scaled_lr(cfg.optim, cfg.train.batch_size))
         if cfg.variant:
-            log.info("preset variant '%s' applied (%s): %s", cfg.variant, VARIANT_CONDITIONS[cfg.variant],
-                     "see the preset's variants section")
+            log.info("preset variant '%s' applied (%s): the settings under variants.%s of the preset, "
+                     "before --set", cfg.variant, VARIANT_CONDITIONS[cfg.variant], cfg.variant)
         step = make_step(cfg, model, optimizer, scheduler, device, dist_info)
         step.clock = clock
         train_epochs(cfg, run, step, loader, sampler, state, progress)

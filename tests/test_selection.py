@@ -189,6 +189,18 @@ def test_linear_probe_with_typiclust_label_selection(random_checkpoint, digits_f
         assert {row["n_train"] for row in rows if row["label_budget"] == budget} == {expected}
 
 
+def test_fine_tuning_alone_on_a_selected_subset(random_checkpoint, digits_folders, tmp_path):
+    # No feature method and no plots: the selection still has the ssl embeddings it reads.
+    train, test = digits_folders
+    out = tmp_path / "eval"
+    argv = ["--checkpoint", str(random_checkpoint), "--train", str(train), "--test", str(test), "--out", str(out),
+            "--methods", "finetune", "--label-fractions", "0.1", "--seeds", "1", "--label-selection", "kmeans",
+            "--no-plots"] + FAST
+    assert probe_main(argv) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {row["features"] for row in rows} == {"ssl", "scratch"} and len({row["n_train"] for row in rows}) == 1
+
+
 def test_a_selection_of_one_class_skips_logreg_with_a_reason(random_checkpoint, digits_folders, tmp_path, caplog):
     train, test = digits_folders
     out = tmp_path / "eval"
