@@ -7,6 +7,8 @@ keys are rejected with a one-line message that names the key (nanoGPT-style: fai
 
 from __future__ import annotations
 
+import copy
+
 import difflib
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -174,8 +176,8 @@ class MonitorConfig(_Section):
 
 
 VARIANT_CONDITIONS = {
-    "no_fast_bf16": "no AMX tiles on the CPU and no CUDA GPU of compute capability 8+ (AVX2-only CPUs, "
-                    "AVX512-BF16 without AMX, Apple MPS): training runs in fp32",
+    "no_fast_bf16": "bf16 is not the fast precision here - no AMX tiles and no CUDA GPU of compute capability 8+, "
+                    "and on a CPU with AVX512-BF16 alone a probe found fp32 faster - so training runs in fp32",
 }
 """The conditions a preset's ``variants:`` section may be keyed by (``ssl_pretrain.hardware``)."""
 
@@ -300,14 +302,43 @@ def _check_variants(variants: Any, origin: str) -> dict[str, dict[str, Any]]:
 
 
 def _apply_variant(tree: dict, variants: dict[str, dict[str, Any]], user: list) -> None:
-    """Apply the first variant whose condition holds on the device the run will use."""
+    """Apply the first variant whose condition holds on the device the run will use. Where only a
+    measurement can tell (a CPU with AVX512-BF16 but no AMX), the preset's own network is timed in
+    both precisions (``ssl_pretrain.train.probe_precisions``; a few seconds, cached per machine)."""
     from ssl_pretrain.hardware import fast_bf16
 
     device = next((value for parts, value in reversed(user) if parts == ["train", "device"]), None)
-    device = device or (tree.get("train") or {}).get("device") or "auto"
+    device = str(device or (tree.get("train") or {}).get("device") or "auto")
+    probe, workload = _base_network_probe(tree, user, device)
     for condition, settings in variants.items():
-        if condition == "no_fast_bf16" and not fast_bf16(str(device)):
+        if condition == "no_fast_bf16" and not fast_bf16(device, probe, workload):
             for key, value in settings.items():
                 _apply_override(tree, [part for part in str(key).split(".") if part], value)
             tree["variant"] = condition
             return
+
+
+def _base_network_probe(tree: dict, user: list, device: str):
+    """``(probe, workload)`` of the network the config describes without its variants (None, ""
+    when that config is not valid: the error comes from validation later, in one line)."""
+    base = copy.deepcopy(tree)
+    try:
+        for parts, value in user:
+            _apply_override(base, parts, value)
+        cfg = Config.model_validate(base)
+    except (ConfigError, ValidationError):
+        return None, ""
+    import torch
+
+    from ssl_pretrain.backbones import resolve_small_stem
+    from ssl_pretrain.model import build_model
+    from ssl_pretrain.train import probe_precisions, probe_workload
+
+    channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else device != "mps"
+    torch_device = torch.device("cpu" if device == "auto" else device)  # only CPUs are probed
+
+    def probe() -> dict[str, float]:
+        model = build_model(cfg.model, resolve_small_stem(cfg.model.small_stem, cfg.augment.input_size))
+        return probe_precisions(cfg, model, torch_device, channels_last)
+
+    return probe, probe_workload(cfg, channels_last)

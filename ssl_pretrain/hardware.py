@@ -150,10 +150,11 @@ def bf16_native(device: torch.device) -> bool:
     return False
 
 
-def fast_bf16(device: str) -> bool:
-    """Whether bf16 is clearly the fast precision on ``device`` (a ``train.device`` string):
-    CUDA from compute capability 8, CPUs with AMX tiles. Decides a preset's ``no_fast_bf16``
-    variant before the network is built."""
+def fast_bf16(device: str, probe: Callable[[], dict[str, float]] | None = None, workload: str = "") -> bool:
+    """Whether bf16 is the fast precision on ``device`` (a ``train.device`` string): CUDA from
+    compute capability 8, CPUs with AMX tiles, and CPUs with AVX512-BF16 alone where ``probe``
+    (or its cached answer for ``workload``) says bf16 trains faster. Decides a preset's
+    ``no_fast_bf16`` variant before the network is built."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
@@ -161,7 +162,9 @@ def fast_bf16(device: str) -> bool:
             return torch.cuda.is_available() and torch.cuda.get_device_capability(torch.device(device))[0] >= 8
         except (RuntimeError, AssertionError, ValueError):
             return False
-    return device == "cpu" and cpu_bf16_native() and cpu_amx()
+    if device != "cpu" or not cpu_bf16_native():
+        return False
+    return cpu_amx() or probed_bf16(probe, workload)
 
 
 def describe_cpu() -> str:

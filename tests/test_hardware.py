@@ -165,11 +165,11 @@ def test_a_resnet_on_a_cpu_names_the_cpu_preset(caplog):
 
 def test_the_cpu_preset_picks_its_variant_by_hardware_and_set_still_wins(monkeypatch):
     preset = CONFIGS / "cifar10_cpu.yaml"
-    monkeypatch.setattr(hardware, "fast_bf16", lambda device: True)  # AMX, or CUDA capability 8+
+    monkeypatch.setattr(hardware, "fast_bf16", lambda device, *probe: True)  # AMX, or CUDA capability 8+
     cfg = load_config(preset)
     assert cfg.variant is None and cfg.model.backbone == "smallconv"
     devices = []
-    monkeypatch.setattr(hardware, "fast_bf16", lambda device: devices.append(device) or False)  # fp32 hardware
+    monkeypatch.setattr(hardware, "fast_bf16", lambda device, *probe: devices.append(device) or False)  # fp32 hardware
     cfg = load_config(preset)
     assert cfg.variant == "no_fast_bf16" and cfg.model.backbone == "smallconv-xs"
     assert load_config(preset, ["model.backbone=smallconv-s"]).model.backbone == "smallconv-s"
@@ -177,14 +177,17 @@ def test_the_cpu_preset_picks_its_variant_by_hardware_and_set_still_wins(monkeyp
     assert devices == ["auto", "auto", "cuda:1"]  # the device the run will use decides
 
 
-def test_fast_bf16_means_amx_or_cuda_8(monkeypatch):
+def test_fast_bf16_means_amx_cuda_8_or_a_winning_probe(monkeypatch, tmp_path):
     monkeypatch.setattr(hardware, "cpu_bf16_instructions", lambda: True)
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(hardware, "cpu_amx", lambda: True)
     assert hardware.fast_bf16("auto") and hardware.fast_bf16("cpu")
     monkeypatch.setattr(hardware, "cpu_amx", lambda: False)  # AVX512-BF16 alone: not clear-cut
-    assert not hardware.fast_bf16("auto") and not hardware.fast_bf16("mps")
+    monkeypatch.setenv("SSL_PRETRAIN_CACHE", str(tmp_path))
+    assert not hardware.fast_bf16("auto") and not hardware.fast_bf16("mps")  # no probe, nothing cached
+    assert hardware.fast_bf16("cpu", lambda: {"fp32": 500.0, "bf16": 900.0}, "net")  # the probe decides
+    assert not hardware.fast_bf16("cpu", lambda: {"fp32": 900.0, "bf16": 500.0}, "other net")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert hardware.fast_bf16("auto") and hardware.fast_bf16("cuda:0")
@@ -200,7 +203,7 @@ def test_fast_bf16_means_amx_or_cuda_8(monkeypatch):
 def test_a_bad_variants_section_is_one_line(tmp_path, monkeypatch, variants, message):
     from ssl_pretrain.config import ConfigError
 
-    monkeypatch.setattr(hardware, "fast_bf16", lambda device: False)
+    monkeypatch.setattr(hardware, "fast_bf16", lambda device, *probe: False)
     path = tmp_path / "preset.yaml"
     path.write_text(variants + "\nmodel: {backbone: smallconv}\n")
     with pytest.raises(ConfigError, match=message) as error:
@@ -208,8 +211,24 @@ def test_a_bad_variants_section_is_one_line(tmp_path, monkeypatch, variants, mes
     assert "\n" not in str(error.value)
 
 
+def test_without_amx_the_preset_network_is_probed_once_to_pick_the_variant(avx512_bf16_cpu, monkeypatch):
+    from ssl_pretrain import train
+
+    timed = []
+    monkeypatch.setattr(train, "probe_precisions",
+                        lambda cfg, model, device, channels_last: timed.append(cfg.model.backbone) or
+                        {"fp32": 800.0, "bf16": 2000.0})
+    preset = CONFIGS / "cifar10_cpu.yaml"
+    cfg = load_config(preset)
+    assert cfg.variant is None and cfg.model.backbone == "smallconv"  # bf16 wins here: the main network
+    assert load_config(preset).model.backbone == "smallconv" and timed == ["smallconv"]  # cached
+    monkeypatch.setenv("SSL_PRETRAIN_CACHE", str(avx512_bf16_cpu.parent / "other"))
+    monkeypatch.setattr(train, "probe_precisions", lambda *args: {"fp32": 800.0, "bf16": 650.0})
+    assert load_config(preset).model.backbone == "smallconv-xs"  # fp32 wins: the fp32 variant
+
+
 def test_a_resolved_run_config_loads_again(monkeypatch, tmp_path):
-    monkeypatch.setattr(hardware, "fast_bf16", lambda device: False)
+    monkeypatch.setattr(hardware, "fast_bf16", lambda device, *probe: False)
     cfg = load_config(CONFIGS / "cifar10_cpu.yaml")
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
