@@ -76,3 +76,15 @@ def test_digits_to_folder_writes_class_folders_and_a_label_list(tmp_path, capsys
     assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == [str(d) for d in range(10)]
     lines = (tmp_path / "l.csv").read_text().splitlines()
     assert lines[0] == "path,label" and len(lines) == 451 and Path(lines[1].split(",")[0]).is_file()
+
+
+def test_finetune_benchmark_script_compares_bare_and_the_route(tmp_path, digits_folder, capsys):
+    from test_eval_fixtures import export_random_backbone
+
+    checkpoint = export_random_backbone(tmp_path / "run")
+    assert _load("bench_finetune").main(["--checkpoint", str(checkpoint), "--data", str(digits_folder),
+                                         "--images", "128", "--val-images", "64", "--batch-size", "32",
+                                         "--repeats", "1"]) == 0
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith(("| bare |", "| ours |", "| ours + validation |"))]
+    assert len(rows) == 3 and rows[0].endswith("| 1.00 |")

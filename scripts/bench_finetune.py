@@ -1,0 +1,99 @@
+"""Fine-tuning throughput, side by side in one run: bare step vs linear-probe's fine-tuning route.
+
+    python scripts/bench_finetune.py --checkpoint RUN --data /tmp/scratch/cifar10/train --images 4500
+
+* bare:  forward + backward + SGD step of the fine-tuned network (backbone + linear head) on one
+         ready batch of tensors, the same batch every step (the ceiling);
+* ours:  one epoch of ``linear_probe.finetune``'s route as ``linear-probe`` runs it: the labelled
+         images decoded once into memory (not timed: once per evaluation), augmented a batch at a
+         time (crop, flip, normalise) and trained through ``linear_probe.training``'s epoch loop
+         (with its loss bookkeeping);
+* ours + validation: the same epoch followed by scoring the validation images, as every
+         fine-tuning epoch is (early stopping), images/s counting the training images only.
+
+Both in the precision linear-probe trains in (fp32) and the default memory format. Prints a
+Markdown table with the ratios, and the CPU, date and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from datetime import date
+
+import torch
+
+from linear_probe.finetune import build_classifier, prepare_scoring, training_route
+from linear_probe.training import _train_one_epoch
+from ssl_pretrain.allocator import keep_freed_memory
+from ssl_pretrain.checkpoint import load_backbone
+from ssl_pretrain.data import SubsetSource, open_source
+from ssl_pretrain.hardware import cpu_name, describe_cpu
+from ssl_pretrain.transforms import build_eval_transform
+
+
+def subset(source, count: int, seed: int = 0) -> SubsetSource:
+    indices = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:count]
+    return SubsetSource(source, indices.sort().values.numpy())
+
+
+def bare_rate(model, batch: tuple[torch.Tensor, torch.Tensor], steps: int) -> float:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    inputs, labels = batch
+    for index in range(steps + 2):
+        if index == 2:
+            started = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(inputs), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return steps * len(labels) / (time.perf_counter() - started)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="run folder or backbone.safetensors")
+    parser.add_argument("--data", required=True, help="labelled images (folder with class subfolders)")
+    parser.add_argument("--images", type=int, default=4500, help="labelled training images (10%% of CIFAR-10's pool)")
+    parser.add_argument("--val-images", type=int, default=5000, help="validation images scored after the epoch")
+    parser.add_argument("--batch-size", type=int, default=64, help="linear-probe's --train-batch-size")
+    parser.add_argument("--repeats", type=int, default=2, help="epochs timed per contender (the best is kept)")
+    args = parser.parse_args(argv)
+    keep_freed_memory()
+    backbone, info = load_backbone(args.checkpoint)
+    source = open_source(args.data, labelled=True)
+    train, val = subset(source, args.images, 0), subset(source, args.val_images, 1)
+    transform = build_eval_transform(info.input_size, info.mean, info.std)
+    model = build_classifier(backbone, info.feature_dim, len(source.classes))
+    started = time.perf_counter()
+    batches, score = training_route(train, transform, args.batch_size, 0, True, 0, "cpu")
+    val_pixels = prepare_scoring(val, transform)
+    decode_seconds = time.perf_counter() - started
+    first = next(iter(batches(1)))
+    steps = max(1, args.images // args.batch_size)
+    rates = {"bare": max(bare_rate(model, first, steps) for _ in range(args.repeats))}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def epoch(with_validation: bool) -> float:
+        began = time.perf_counter()
+        _train_one_epoch(model, optimizer, batches(2), "cpu")
+        if with_validation:
+            score(model, val_pixels)
+        return args.images / (time.perf_counter() - began)
+
+    rates["ours"] = max(epoch(False) for _ in range(args.repeats))
+    rates["ours + validation"] = max(epoch(True) for _ in range(args.repeats))
+    print(f"\n{date.today()} | {cpu_name()}, {os.cpu_count()} cores, {describe_cpu()}, torch {torch.__version__} | "
+          f"{info.architecture} {info.input_size}px, batch {args.batch_size}, {args.images} training images, "
+          f"{args.val_images} validation | `python {' '.join(sys.argv)}`\n")
+    print("| loop | images/s | vs bare |\n| --- | ---: | ---: |")
+    for name, rate in rates.items():
+        print(f"| {name} | {rate:.1f} | {rate / rates['bare']:.2f} |")
+    print(f"\ndecoding {args.images} + {args.val_images} images once: {decode_seconds:.1f} s (not in the rates)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
