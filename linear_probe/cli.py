@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("inputs and outputs")
     data.add_argument("--checkpoint", required=True, help="run folder, backbone.safetensors or checkpoints/last.pt; "
                       "architecture, input size and normalisation are read from it")
+    data.add_argument("--arch", help="read --checkpoint as a torchvision/timm state dict (.pth, loaded with "
+                      "weights_only=True, or .safetensors) of this backbone (resnet18, resnet50...): ImageNet features "
+                      "as a row beside your own pretraining")
+    data.add_argument("--input-size", type=int, default=224, help="with --arch: the image size the network is fed")
     data.add_argument("--train", required=True, help="labelled training images: a folder with one subfolder per "
                       "class, builtin:digits:train, or cifar10:ROOT")
     data.add_argument("--test", help="labelled test images, same classes as --train (else use --test-fraction)")
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
     try:
         settings = settings_from_args(args)
-        result = evaluate(args.checkpoint, args.train, args.out, test=args.test, val=args.val, settings=settings)
+        result = evaluate(args.checkpoint, args.train, args.out, test=args.test, val=args.val, settings=settings,
+                          arch=args.arch, input_size=args.input_size)
     except (DataError, CheckpointError, EvaluationError) as error:
         message = " ".join(str(error).split("\n"))
         print(f"{PROG}: error: {message}", file=sys.stderr)

@@ -35,10 +35,11 @@ from linear_probe.splits import (LABEL_SELECTIONS, LabelBudget, parse_label_budg
                                  select_label_subset, stratified_split)
 from ssl_pretrain.allocator import keep_freed_memory
 from ssl_pretrain.backbones import build_backbone
-from ssl_pretrain.checkpoint import BackboneInfo, load_backbone
+from ssl_pretrain.checkpoint import BackboneInfo
 from ssl_pretrain.data import DecodedSource, SubsetSource, common_small_size, decode_workers, open_source
 from ssl_pretrain.train import TENSOR_PIPELINE_AUTO_BYTES
 from ssl_pretrain.transforms import build_eval_transform
+from ssl_pretrain.warm_start import load_any_backbone
 
 log = logging.getLogger(__name__)
 
@@ -489,7 +490,8 @@ def _describe_run(checkpoint, info: BackboneInfo, specs: dict, data: EvaluationD
 
 
 def evaluate(checkpoint: str | Path, train: str, out_dir: str | Path, *, test: str | None = None,
-             val: str | None = None, settings: EvaluationSettings | None = None) -> EvaluationResult:
+             val: str | None = None, settings: EvaluationSettings | None = None,
+             arch: str | None = None, input_size: int = 224) -> EvaluationResult:
     """Evaluate a pretrained backbone on labelled images; write ``results.json``, ``results.md``
     and the plots into ``out_dir``.
 
@@ -500,6 +502,8 @@ def evaluate(checkpoint: str | Path, train: str, out_dir: str | Path, *, test: s
         out_dir: created if needed; cached embeddings go to ``out_dir/embeddings``.
         test: labelled source; when None, ``settings.test_fraction`` of train is held out.
         val: labelled source; when None, ``settings.val_fraction`` of train is held out.
+        arch, input_size: read ``checkpoint`` as a foreign state dict (torchvision, timm) of this
+            architecture, fed ``input_size`` px images (``ssl_pretrain.warm_start``).
 
     Raises:
         CheckpointError, DataError, EvaluationError: unusable inputs (one-line messages).
@@ -508,7 +512,7 @@ def evaluate(checkpoint: str | Path, train: str, out_dir: str | Path, *, test: s
     out_dir, device = Path(out_dir), resolve_device(settings.device)
     if device.type == "cpu":
         keep_freed_memory()  # as pretraining does: no page faults for every batch's activations
-    backbone, info = load_backbone(checkpoint)
+    backbone, info = load_any_backbone(checkpoint, arch, input_size)
     data = open_evaluation_data(train, test, val, settings)
     check_finetune_budgets(settings, len(data.pool))
     extractors = build_feature_extractors(backbone.to(device), info, settings)

@@ -69,7 +69,9 @@ def finetune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone-lr-scale", type=float, default=defaults.backbone_lr_scale,
                         help="finetune: the backbone's learning rate is lr times this")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--input-size", type=int, help="input side in pixels (default: the backbone's)")
+    parser.add_argument("--input-size", type=int, help="input side in pixels (default: the backbone's; 224 with --arch)")
+    parser.add_argument("--arch", help="read --checkpoint as a torchvision/timm state dict (.pth with weights_only=True, "
+                        "or .safetensors) of this backbone (resnet18, resnet50...): start from ImageNet weights")
     parser.add_argument("--no-flip", action="store_true", help="no horizontal flips when fine-tuning (digits, text)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=defaults.device, help="auto (CUDA, then MPS, then CPU), cpu, cuda...")
@@ -100,6 +102,7 @@ def finetune_main(argv: list[str] | None = None) -> int:
             mode=args.mode, labels_per_class=args.labels_per_class, label_fraction=args.label_fraction,
             val_fraction=args.val_fraction, balance=args.balance, epochs=args.epochs, lr=args.lr,
             backbone_lr_scale=args.backbone_lr_scale, batch_size=args.batch_size, input_size=args.input_size,
+            arch=args.arch,
             hflip=not args.no_flip, seed=args.seed, device=args.device, num_workers=args.num_workers,
             progress=not args.quiet, overwrite=args.overwrite)
         result = train_classifier(args.checkpoint, args.train, args.out, val=args.val, test=args.test,

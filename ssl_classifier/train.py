@@ -35,7 +35,7 @@ from linear_probe.metrics import classification_metrics
 from linear_probe.splits import LabelBudget, sample_label_subset, stratified_split
 from linear_probe.training import train_with_early_stopping
 from ssl_classifier.model import INFO_FILE, MODEL_FILE, ClassifierError, ClassifierInfo, ImageClassifier, save_classifier
-from ssl_pretrain.checkpoint import load_backbone
+from ssl_pretrain.warm_start import load_any_backbone
 from ssl_pretrain.data import SubsetSource, open_source
 from ssl_pretrain.transforms import build_eval_transform
 
@@ -60,6 +60,7 @@ class FinetuneSettings:
     backbone (the linear probe has already trained the head).
     """
 
+    arch: str | None = None  # read the checkpoint as a torchvision/timm state dict of this backbone
     mode: str = "linear"
     labels_per_class: int | None = None
     label_fraction: float | None = None
@@ -339,7 +340,7 @@ def train_classifier(checkpoint: str | Path, train: str, out_dir: str | Path, *,
     settings, started = settings or FinetuneSettings(), time.perf_counter()
     out_dir, device = Path(out_dir), resolve_device(settings.device)
     _check_out_dir(out_dir, settings.overwrite)
-    backbone, binfo = load_backbone(checkpoint)
+    backbone, binfo = load_any_backbone(checkpoint, settings.arch, settings.input_size or 224)
     input_size = settings.input_size or binfo.input_size
     check_input_size(backbone, input_size, binfo.architecture, binfo.input_size)
     splits = open_splits(train, val, test, settings)

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "with it (train.batch_size; SimCLR gains from large batches: 256 to 4096)")
     parser.add_argument("--seed", type=int, help="seed for weights, data order and augmentation")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
+    parser.add_argument("--init", metavar="WEIGHTS", help="start the backbone from these weights (model.init): "
+                        "a torchvision/timm .pth state dict, a .safetensors file or one of our runs")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's last "
                         "checkpoint; with none yet, start fresh (safe to always pass in job scripts)")
     parser.add_argument("--overwrite", action="store_true", help="delete a run already in --out and "
@@ -64,7 +66,7 @@ def resolve_overrides(args: argparse.Namespace) -> list[str]:
     """The named flags are shorthands for config keys; they win over --set."""
     shorthands = {"data": "data.source", "epochs": "train.epochs", "batch_size": "train.batch_size",
                   "seed": "train.seed", "device": "train.device",
-                  "time_budget": "train.time_budget_minutes"}
+                  "time_budget": "train.time_budget_minutes", "init": "model.init"}
     overrides = list(args.overrides)
     for flag, key in shorthands.items():
         value = getattr(args, flag)

@@ -86,6 +86,10 @@ class ModelConfig(_Section):
     proj_hidden_dim: int = Field(2048, ge=1)
     proj_output_dim: int = Field(128, ge=1)
     """SimCLR paper: 2-layer MLP head, 128-d output (Section 4.2)."""
+    init: Optional[str] = None
+    """Start the backbone from these weights (``--init``): a torchvision/timm state dict (``.pth``,
+    loaded with ``weights_only=True``), a ``.safetensors`` file or one of our runs; the head starts
+    fresh. ``ssl_pretrain.warm_start``. With a warm start, a lower ``optim.lr`` usually suits."""
 
 
     @field_validator("backbone")

@@ -33,6 +33,7 @@ from ssl_pretrain.checkpoint import (
     save_checkpoint,
 )
 from ssl_pretrain.config import VARIANT_CONDITIONS, Config, ConfigError
+from ssl_pretrain.warm_start import load_init_weights
 from ssl_pretrain.batch_transforms import build_batch_augment
 from ssl_pretrain.data import (
     DataError,
@@ -521,6 +522,8 @@ def _pretrain(cfg: Config, out_dir: str | Path, resume: bool, overwrite: bool, p
 
         seed_everything(cfg.train.seed)
         model = build_model(cfg.model, resolve_small_stem(cfg.model.small_stem, cfg.augment.input_size))
+        if cfg.model.init and not (resume and run.last_checkpoint.exists()):  # a resumed run has its own weights
+            log.info(load_init_weights(model.backbone, cfg.model.init).summary())
         if cfg.train.sync_batchnorm and dist_info.enabled:
             model = convert_sync_batchnorm(model, device)
         model = model.to(device)
