@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from ssl_classifier.model import ClassifierInfo, ImageClassifier, load_network, 
 from ssl_classifier.predict import Classifier, predict_files
 from ssl_pretrain.allocator import keep_freed_memory
 from ssl_pretrain.backbones import build_backbone
-from ssl_pretrain.hardware import cpu_bf16_native
+from ssl_pretrain.hardware import cpu_bf16_native, cpu_name
 
 MODELS = {
     # name: (architecture, small_stem, input size) - smallconv32 is configs/cifar10_cpu.yaml's network
@@ -47,16 +46,6 @@ MODELS = {
     "resnet18_224": ("resnet18", False, 224),
     "resnet50_224": ("resnet50", False, 224),
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def save_model(folder: Path, name: str, classes: int = 10) -> Path:
@@ -170,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--end-to-end", type=int, default=5000, help="files for the ssl-predict row (0: skip)")
     args = parser.parse_args(argv)
     keep_freed_memory()  # as ssl-predict, linear-probe and pretraining do on CPUs
-    print(f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    print(f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"ISA {torch.backends.cpu.get_cpu_capability()}, bf16 native: {cpu_bf16_native()}, {date.today()}")
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)

@@ -151,20 +151,26 @@ def bf16_native(device: torch.device) -> bool:
 
 
 def fast_bf16(device: str, probe: Callable[[], dict[str, float]] | None = None, workload: str = "") -> bool:
-    """Whether bf16 is the fast precision on ``device`` (a ``train.device`` string): CUDA from
-    compute capability 8, CPUs with AMX tiles, and CPUs with AVX512-BF16 alone where ``probe``
-    (or its cached answer for ``workload``) says bf16 trains faster. Decides a preset's
-    ``no_fast_bf16`` variant before the network is built."""
+    """``auto_bf16`` for a ``train.device`` string (``auto`` included), before the network is
+    built: decides a preset's ``no_fast_bf16`` variant. An unusable device answers False (the run
+    reports it later, in one line)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        try:
-            return torch.cuda.is_available() and torch.cuda.get_device_capability(torch.device(device))[0] >= 8
-        except (RuntimeError, AssertionError, ValueError):
-            return False
-    if device != "cpu" or not cpu_bf16_native():
+    if device.startswith("cuda") and not torch.cuda.is_available():
         return False
-    return cpu_amx() or probed_bf16(probe, workload)
+    try:
+        return auto_bf16(torch.device(device), probe, workload)
+    except (RuntimeError, AssertionError, ValueError):
+        return False
+
+
+def auto_bf16(device: torch.device, probe: Callable[[], dict[str, float]] | None = None, workload: str = "") -> bool:
+    """``precision: auto``'s answer: bf16 where it is native and clearly faster (CUDA from
+    compute capability 8, CPUs with AMX tiles); on a CPU with AVX512-BF16 alone, what ``probe``
+    (or its cached answer for ``workload``) measured; fp32 elsewhere."""
+    if not bf16_native(device):
+        return False
+    return device.type != "cpu" or cpu_amx() or probed_bf16(probe, workload)
 
 
 def describe_cpu() -> str:
@@ -193,7 +199,7 @@ def resolve_precision(precision: str, device: torch.device,
         where = device.type
     if precision == "auto":
         if native and device.type == "cpu" and not cpu_amx():
-            return probed_bf16(probe, workload)
+            return auto_bf16(device, probe, workload)  # the probe logs its own answer
         log.info("precision auto: %s on %s (%s)", "bf16 autocast" if native else "fp32", device.type, where)
         return native
     if precision == "bf16" and not native:

@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ssl_pretrain.checkpoint import CheckpointError
+from ssl_pretrain.backbones import build_backbone
+from ssl_pretrain.checkpoint import BackboneInfo, CheckpointError, load_backbone
+from ssl_pretrain.config import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +134,6 @@ def load_foreign_backbone(path: str | Path, architecture: str, input_size: int =
         CheckpointError: unreadable file, an unknown architecture, or weights that do not fit it
             or leave some of its tensors random.
     """
-    from ssl_pretrain.backbones import build_backbone
-    from ssl_pretrain.checkpoint import BackboneInfo
-    from ssl_pretrain.config import IMAGENET_MEAN, IMAGENET_STD
-
     try:
         backbone, feature_dim = build_backbone(architecture, small_stem)
     except ValueError as error:
@@ -151,8 +149,6 @@ def load_foreign_backbone(path: str | Path, architecture: str, input_size: int =
 
 def load_any_backbone(checkpoint: str | Path, architecture: str | None = None, input_size: int = 224):
     """One of our checkpoints (``architecture`` None), or a foreign weight file read as ``architecture``."""
-    from ssl_pretrain.checkpoint import load_backbone
-
     if architecture is None:
         return load_backbone(checkpoint)
     return load_foreign_backbone(checkpoint, architecture, input_size)

@@ -106,6 +106,8 @@ def test_linear_probe_reads_a_torchvision_file_with_arch(torchvision_resnet18, d
     assert "knn" in (tmp_path / "ok" / "results.md").read_text()
     assert probe_main(common + ["--arch", "smallconv", "--out", str(tmp_path / "bad")]) == 2
     assert "no tensor in common" in capsys.readouterr().err
+    assert probe_main(common + ["--arch", "resnet17", "--out", str(tmp_path / "unknown")]) == 2
+    assert "unknown backbone 'resnet17'" in capsys.readouterr().err
 
 
 def test_ssl_finetune_starts_from_a_torchvision_file(torchvision_resnet18, digits_folders, tmp_path):
