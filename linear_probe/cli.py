@@ -119,6 +119,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--split-seed", type=int, default=DEFAULTS.split_seed,
                      help="seed of the validation / test split and of the random-init baseline's weights")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    run.add_argument("--no-leak-check", action="store_true",
+                     help="do not count the test images that are exact or near copies of training images")
     run.add_argument("--no-cache", action="store_true", help="always extract embeddings, never reuse --out/embeddings")
     run.add_argument("--quiet", action="store_true", help="no progress bars and no progress log")
 
@@ -152,6 +154,7 @@ def settings_from_args(args: argparse.Namespace) -> EvaluationSettings:
         num_workers=args.num_workers,
         baselines=not args.no_baselines,
         plots=not args.no_plots,
+        leak_check=not args.no_leak_check,
         cache=not args.no_cache,
         progress=not args.quiet,
     )

@@ -27,6 +27,7 @@ from linear_probe.embeddings import Embeddings, cached_embeddings, extract_embed
 from linear_probe.errors import EvaluationError
 from linear_probe.finetune import evaluate_finetune
 from linear_probe.knn import INDEXES, evaluate_knn
+from linear_probe.leaks import check_leaks
 from linear_probe.linear import evaluate_linear, evaluate_linear_augmented
 from linear_probe.logreg import evaluate_logreg
 from linear_probe.report import format_table, make_row, summarise, write_report
@@ -55,12 +56,15 @@ and, for fine-tuning, the same network trained from scratch on the same labels."
 SEED_FREE_METHODS = ("knn", "logreg")
 """Methods whose result depends on the labelled images alone (lbfgs is deterministic): where two
 seeds draw the same images (at 100% labels every seed does) they run once, and the row is repeated."""
-PIXEL_SIZE_CAP = 32
+PIXEL_SIZE_CAP = 16
+"""Raw-pixel baseline at the checkpoint's input size, but at most 16 px (768 values). At 224 px
+it would be 150,528 values per image, too many for kNN and logistic regression to be useful; and
+on CIFAR-10 (2026-12-01, ``python scripts/bench_pixels.py``), 16 px is the stronger baseline and
+the cheaper one: kNN 40.3% against 39.6% at 32 px (29 s against 132 s), logistic regression with
+10% of the labels 37.9% against 37.4% (3 s against 96 s)."""
 IN_MEMORY_BYTES = TENSOR_PIPELINE_AUTO_BYTES
 """Small images of one size are decoded once into memory for extraction up to this many bytes
 (CIFAR-10's 60,000 images: 184 MB): the limit of ``data.pipeline=auto`` in pretraining."""
-"""Raw-pixel baseline at the checkpoint's input size, but at most 32 px (3,072 values): at 224 px
-it would be 150,528 values per image, too large for kNN and logistic regression to be useful."""
 
 
 @dataclass
@@ -92,6 +96,7 @@ class EvaluationSettings:
     num_workers: int = 0
     baselines: bool = True
     plots: bool = True
+    leak_check: bool = True  # count test images that are copies of training images (linear_probe.leaks)
     cache: bool = True
     progress: bool = True
 
@@ -235,7 +240,8 @@ def build_feature_extractors(backbone: nn.Module, info: BackboneInfo, settings: 
     transform = build_eval_transform(info.input_size, info.mean, info.std)
     feature_methods = [method for method in settings.methods if method != "finetune"]
     extractors = {}
-    if feature_methods or settings.plots or settings.label_selection != "random":  # selection reads ssl embeddings
+    if feature_methods or settings.plots or settings.leak_check or settings.label_selection != "random":
+        # the leak check and label selection read ssl embeddings
         extractors["ssl"] = (backbone, transform)
     wanted = {kind for method in feature_methods for kind in BASELINES[method]} if settings.baselines else set()
     if "random_init" in wanted:
@@ -441,6 +447,24 @@ def run_protocol(context: _Context) -> tuple[list[dict], dict]:
     return rows, predictions
 
 
+def run_leak_check(context: _Context) -> dict:
+    """``results.json["leaks"]``: test images that are copies of training or validation images,
+    with a warning in the log when there are any (``linear_probe.leaks``)."""
+    data = context.data
+    if not context.settings.leak_check:
+        return {"checked": False, "reason": "--no-leak-check"}
+    start = time.perf_counter()
+    train = [(images, context.features("ssl", role, images))
+             for role, images in (("pool", data.pool), ("val", data.val)) if images is not None]
+    check = check_leaks(train, (data.test, context.features("ssl", "test", data.test)))
+    log.info("leak check: %d of %d test images are exact or near copies of training images (%d exact, %d near; "
+             "%d at ssl cosine >= %g) in %.1f s", check.leaked, check.n_test, check.exact, check.near,
+             check.similar_in_features, check.threshold, time.perf_counter() - start)
+    if (message := check.warning()) is not None:
+        log.warning(message)
+    return check.to_dict()
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole evaluation
 
@@ -523,13 +547,14 @@ def evaluate(checkpoint: str | Path, train: str, out_dir: str | Path, *, test: s
     cache_dir = out_dir / "embeddings" if settings.cache else None
     feature_sets = extract_feature_sets(extractors, data, cache_dir, fingerprints, settings, device)
     context = _Context(data, feature_sets, extractors, backbone, info, settings, device)
+    leaks = run_leak_check(context)
     rows, predictions = run_protocol(context)
     if not rows:
         raise EvaluationError("every run was skipped (see the warnings): the labelled subsets hold a single "
                               "class; give a larger label budget or more methods")
     specs = {"train": train, "test": test or f"{settings.test_fraction} of train",
              "val": val or (f"{settings.val_fraction} of train" if data.val is not None else None)}
-    meta = _describe_run(checkpoint, info, specs, data, fingerprints, settings)
+    meta = {**_describe_run(checkpoint, info, specs, data, fingerprints, settings), "leaks": leaks}
     files = write_report(out_dir, rows, meta)
     if settings.plots:
         files += make_plots(context, rows, predictions, out_dir)

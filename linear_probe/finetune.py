@@ -18,7 +18,7 @@ from linear_probe.images import (
     PixelSet, augmented_batches, build_train_loader, build_train_transform, load_pixels, pixel_logits,
 )
 from linear_probe.scoring import ProbeResult, score_test, topk_accuracy
-from linear_probe.training import train_with_early_stopping
+from linear_probe.training import train_with_early_stopping, validation_interval
 from ssl_pretrain.transforms import EvalTransform, build_eval_transform
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,10 @@ def evaluate_finetune(backbone: nn.Module, feature_dim: int, train_images, val_i
         feature_dim: width of the backbone's output.
         train_images, val_images, test_images: labelled sources (``SubsetSource``).
         input_size, mean, std: the checkpoint's, for both the augmentation and the eval transform.
-        epochs: the budget; ``lr``: SGD learning rate, cosine-decayed over the budget.
+        epochs: the budget; ``lr``: SGD learning rate, cosine-decayed over the budget. The epoch
+            is chosen on validation, scored every ``training.validation_interval`` epochs (and
+            after the last), so that scoring 5,000 validation images does not outweigh training
+            on a few hundred.
         hflip: flip training images at random (off for digits and text).
 
     Returns:
@@ -103,12 +106,14 @@ def evaluate_finetune(backbone: nn.Module, feature_dim: int, train_images, val_i
         logits, labels = score(model, val)
         return topk_accuracy(logits, labels, 1)
 
+    val_every = validation_interval(len(train_images), len(val_images), epochs)
     history = train_with_early_stopping(
         model, model.parameters(), batches, score_val, epochs=epochs, lr=lr,
-        weight_decay=WEIGHT_DECAY, patience=patience, device=device,
+        weight_decay=WEIGHT_DECAY, patience=patience, device=device, val_every=val_every,
     )
-    log.info("fine-tuning: best validation top-1 %.1f%% at epoch %d of %d run",
-             100 * history.best_val_top1, history.best_epoch, len(history.val_top1))
+    log.info("fine-tuning: best validation top-1 %.1f%% at epoch %d of %d run (validated every %d)",
+             100 * history.best_val_top1, history.best_epoch, len(history.val_top1), val_every)
     logits, labels = score(model, prepare_scoring(test_images, eval_transform))
-    chosen = {"best_epoch": history.best_epoch, "epochs_run": len(history.val_top1), "lr": lr}
+    chosen = {"best_epoch": history.best_epoch, "epochs_run": len(history.val_top1), "lr": lr,
+              "validated_every": val_every}
     return score_test(logits, labels, chosen, history.best_val_top1)

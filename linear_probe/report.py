@@ -152,6 +152,16 @@ def _describe(meta: dict) -> str:
     if checkpoint:
         text = (f"Checkpoint: `{checkpoint['path']}` ({checkpoint['architecture']}, "
                 f"epoch {checkpoint['epoch']}). " + text)
+    leaks = meta.get("leaks") or {}
+    if leaks.get("checked") and leaks.get("leaked"):
+        text += (f"\n\n**Leaks: {leaks['leaked']} of {leaks['n_test']} test images "
+                 f"({100 * leaks['fraction']:.1f}%) are copies of training images** ({leaks['exact']} exact, "
+                 f"{leaks['near']} near); they inflate every figure below. The pairs are in "
+                 "results.json (`leaks`).")
+    elif leaks.get("checked"):
+        text += (f" No test image is an exact or near copy of a training image "
+                 f"({leaks.get('similar_in_features', 0)} have a training image at ssl cosine >= "
+                 f"{leaks.get('threshold')}, none of them the same picture in pixels).")
     return text
 
 

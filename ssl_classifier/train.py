@@ -33,7 +33,7 @@ from linear_probe.finetune import prepare_scoring, training_route
 from linear_probe.linear import Standardise, feature_batches
 from linear_probe.metrics import classification_metrics
 from linear_probe.splits import LabelBudget, sample_label_subset, stratified_split
-from linear_probe.training import train_with_early_stopping
+from linear_probe.training import train_with_early_stopping, validation_interval
 from ssl_classifier.model import INFO_FILE, MODEL_FILE, ClassifierError, ClassifierInfo, ImageClassifier, save_classifier
 from ssl_pretrain.warm_start import load_any_backbone
 from ssl_pretrain.data import SubsetSource, open_source
@@ -296,7 +296,8 @@ def finetune_network(network: ImageClassifier, splits: LabelledSplits, transform
         model, parameters, batches, score_val if val is not None else None,
         epochs=resolved["epochs"], lr=resolved["lr"],
         weight_decay=5e-4, patience=resolved["patience"] if val is not None else None, device=device,
-        class_weights=weights, progress=settings.progress)
+        class_weights=weights, progress=settings.progress,
+        val_every=validation_interval(len(splits.train), len(splits.val), resolved["epochs"]) if val is not None else 1)
     return {"best_epoch": history.best_epoch, "epochs_run": len(history.val_top1)}
 
 

@@ -67,6 +67,7 @@ class SmallConvNet(nn.Module):
 
 NARROW_WIDTHS = (24, 48, 96, 192)
 XNARROW_WIDTHS = (16, 32, 64, 128)
+XNARROW_WIDE_WIDTHS = (16, 32, 64, 256)
 
 BACKBONES: dict[str, BackboneSpec] = {
     "resnet18": BackboneSpec(lambda s: _torchvision_resnet("resnet18", s), 512, "torchvision ResNet-18"),
@@ -77,6 +78,8 @@ BACKBONES: dict[str, BackboneSpec] = {
                                 "smallconv at 3/4 width: about 1.5x its fp32 speed on AVX2", cpu_sized=True),
     "smallconv-xs": BackboneSpec(lambda s: SmallConvNet(s, XNARROW_WIDTHS), XNARROW_WIDTHS[-1],
                                  "smallconv at 1/2 width: about 3x its fp32 speed on AVX2", cpu_sized=True),
+    "smallconv-xsw": BackboneSpec(lambda s: SmallConvNet(s, XNARROW_WIDE_WIDTHS), XNARROW_WIDE_WIDTHS[-1],
+                                  "smallconv-xs with a full-width last stage (256 features)", cpu_sized=True),
 }
 
 

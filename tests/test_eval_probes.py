@@ -93,3 +93,22 @@ def test_finetuning_from_scratch_learns_the_digits_and_leaves_the_input_backbone
     assert result.top1 > 0.5  # chance is 0.1
     assert 1 <= result.chosen["best_epoch"] <= 3
     assert all(torch.equal(tensor, backbone.state_dict()[name]) for name, tensor in before.items())
+
+
+def test_validation_interval_bounds_the_cost_of_scoring_and_keeps_five_scores():
+    from linear_probe.training import validation_interval
+
+    assert validation_interval(450, 5000, 30) == 6  # 1% of CIFAR-10: every 6th epoch, 5 scores
+    assert validation_interval(4500, 5000, 30) == 3  # 10%: at most 0.5 x 4,500 images scored per epoch
+    assert validation_interval(45000, 5000, 30) == 1
+    assert validation_interval(10, 5000, 3) == 1  # too few epochs to skip any
+
+
+def test_training_scores_every_few_epochs_and_the_last_and_keeps_the_best_scored_epoch():
+    model = torch.nn.Linear(2, 2)
+    batches = lambda epoch: [(torch.randn(8, 2), torch.randint(0, 2, (8,)))]  # noqa: E731
+    scores = iter([0.5, 0.9, 0.7, 0.6])
+    history = train_with_early_stopping(model, model.parameters(), batches, lambda: next(scores), epochs=10,
+                                        lr=0.1, val_every=3)
+    scored = [epoch for epoch, value in enumerate(history.val_top1, 1) if value == value]
+    assert scored == [3, 6, 9, 10] and history.best_epoch == 6 and history.best_val_top1 == 0.9

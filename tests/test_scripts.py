@@ -86,5 +86,17 @@ def test_finetune_benchmark_script_compares_bare_and_the_route(tmp_path, digits_
                                          "--images", "128", "--val-images", "64", "--batch-size", "32",
                                          "--repeats", "1"]) == 0
     table = capsys.readouterr().out
-    rows = [line for line in table.splitlines() if line.startswith(("| bare |", "| ours |", "| ours + validation |"))]
-    assert len(rows) == 3 and rows[0].endswith("| 1.00 |")
+    rows = [line for line in table.splitlines() if line.startswith(("| bare |", "| ours |", "| ours + validation"))]
+    assert len(rows) == 4 and rows[0].endswith("| 1.00 |")
+    assert "| ours + validation every 1 epochs (linear-probe) |" in table  # 64 val images < half of 128
+
+
+def test_pixels_benchmark_script_has_a_row_per_size(tmp_path, capsys):
+    from test_eval_fixtures import write_digits_folder
+
+    train, test = write_digits_folder(tmp_path / "train", 30), write_digits_folder(tmp_path / "test", 10, offset=30)
+    assert _load("bench_pixels").main(["--train", str(train), "--test", str(test), "--sizes", "8,4"]) == 0
+    table = capsys.readouterr().out
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith(("| 8 px", "| 4 px"))]
+    assert [row[1] for row in rows] == ["192", "48"]  # 3 x 8 x 8, 3 x 4 x 4 values
+    assert all(float(row[2].rstrip("%")) > 50 for row in rows)  # real digits: far above the 10% of chance
