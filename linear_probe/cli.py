@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data = parser.add_argument_group("inputs and outputs")
     data.add_argument("--checkpoint", required=True, help="run folder, backbone.safetensors or checkpoints/last.pt; "
-                      "architecture, input size and normalisation are read from it")
+                      "architecture, input size and normalisation are read from it; or torchvision:MODEL[:WEIGHTS] "
+                      "(downloaded once into torch's hub cache where online)")
     data.add_argument("--arch", help="read --checkpoint as a torchvision/timm state dict (.pth, loaded with "
                       "weights_only=True, or .safetensors) of this backbone (resnet18, resnet50...): ImageNet features "
                       "as a row beside your own pretraining")

@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="seed for weights, data order and augmentation")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
     parser.add_argument("--init", metavar="WEIGHTS", help="start the backbone from these weights (model.init): "
-                        "a torchvision/timm .pth state dict, a .safetensors file or one of our runs")
+                        "a torchvision/timm .pth state dict, a .safetensors file, one of our runs, or "
+                        "torchvision:MODEL[:WEIGHTS] (downloaded once into torch's hub cache where online)")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's last "
                         "checkpoint; with none yet, start fresh (safe to always pass in job scripts)")
     parser.add_argument("--overwrite", action="store_true", help="delete a run already in --out and "

@@ -53,12 +53,61 @@ def _few(keys: list[str], shown: int = 4) -> str:
     return ", ".join(keys[:shown]) + (f", ... {len(keys) - shown} more" if len(keys) > shown else "")
 
 
+TORCHVISION_PREFIX = "torchvision:"
+
+
+def parse_torchvision_name(name: str) -> tuple[str, str]:
+    """``torchvision:resnet50:IMAGENET1K_V2`` -> ``("resnet50", "IMAGENET1K_V2")`` (weights
+    default to ``DEFAULT``); a one-line error for a malformed name."""
+    parts = name[len(TORCHVISION_PREFIX):].split(":")
+    if not 1 <= len(parts) <= 2 or not parts[0]:
+        raise CheckpointError(f"'{name}' is not torchvision:MODEL[:WEIGHTS] (e.g. torchvision:resnet50:IMAGENET1K_V2)")
+    return parts[0], parts[1] if len(parts) == 2 and parts[1] else "DEFAULT"
+
+
+def torchvision_weights_file(name: str) -> Path:
+    """The local file of torchvision's pretrained weights ``torchvision:MODEL[:WEIGHTS]``: in torch's
+    hub cache (``$TORCH_HOME/hub/checkpoints``) if it is there, else downloaded into it (needs a
+    network; offline, put the file there or pass its path instead). The file is then read as any
+    other, with ``weights_only=True``.
+
+    Raises:
+        CheckpointError: an unknown model or weights name, or a failed download (one line).
+    """
+    import torchvision
+
+    model, weights_name = parse_torchvision_name(name)
+    try:
+        weights_enum = torchvision.models.get_model_weights(model)
+    except ValueError:
+        raise CheckpointError(f"torchvision has no model '{model}' with pretrained weights ({name})") from None
+    if weights_name not in weights_enum.__members__:
+        raise CheckpointError(f"torchvision's {model} has no weights '{weights_name}': choose from "
+                              f"{', '.join(weights_enum.__members__)}")
+    url = weights_enum[weights_name].url
+    target = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    if target.is_file():
+        return target
+    log.info("downloading %s (%s.%s) to %s", url, weights_enum.__name__, weights_name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(target), progress=True)  # to a temporary file, then moved
+    except Exception as error:  # noqa: BLE001 - offline, proxy, disk: one line
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot download {name} from {url} ({reason}): without a network, download the "
+                              f"file elsewhere and put it at {target}, or pass its path") from None
+    return target
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a weight file, unwrapped and without wrapper prefixes.
+    """The tensors of a weight file, unwrapped and without wrapper prefixes; ``path`` may also be
+    ``torchvision:MODEL[:WEIGHTS]`` (``torchvision_weights_file``).
 
     Raises:
         CheckpointError: a missing file, one that needs code to load, or no tensors in it.
     """
+    if str(path).startswith(TORCHVISION_PREFIX):
+        path = torchvision_weights_file(str(path))
     path = Path(path)
     if path.is_dir():
         path = path / "backbone.safetensors"  # a run folder of ours
@@ -148,7 +197,10 @@ def load_foreign_backbone(path: str | Path, architecture: str, input_size: int =
 
 
 def load_any_backbone(checkpoint: str | Path, architecture: str | None = None, input_size: int = 224):
-    """One of our checkpoints (``architecture`` None), or a foreign weight file read as ``architecture``."""
+    """One of our checkpoints (``architecture`` None), or a foreign weight file read as
+    ``architecture`` (for ``torchvision:MODEL[:WEIGHTS]`` the model is the architecture by default)."""
+    if architecture is None and str(checkpoint).startswith(TORCHVISION_PREFIX):
+        architecture = parse_torchvision_name(str(checkpoint))[0]
     if architecture is None:
         return load_backbone(checkpoint)
     return load_foreign_backbone(checkpoint, architecture, input_size)

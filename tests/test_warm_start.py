@@ -123,3 +123,43 @@ def test_ssl_finetune_starts_from_a_torchvision_file(torchvision_resnet18, digit
     assert classifier.info.architecture == "resnet18" and classifier.info.input_size == 32
     predictions = classifier.predict([str(next((test / "3").iterdir()))])
     assert len(predictions) == 1
+
+
+def test_torchvision_names_read_the_hub_cache_and_fail_in_one_line_offline(torchvision_resnet18, monkeypatch, tmp_path,
+                                                                          digits_folders, capsys):
+    """``torchvision:MODEL[:WEIGHTS]``: a file already in torch's hub cache is read like any other
+    (weights_only); with none there the download is tried, and a failed one is one line. No network
+    is used: the cache holds our saved ResNet-18 under torchvision's file name, and the download
+    function is replaced by one that fails as it does offline."""
+    import shutil
+    import urllib.error
+
+    from linear_probe.cli import main as probe_main
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+    cached.parent.mkdir(parents=True)
+    shutil.copyfile(torchvision_resnet18[1], cached)
+    backbone, _ = build_backbone("resnet18", small_stem=False)
+    assert len(load_init_weights(backbone, "torchvision:resnet18:IMAGENET1K_V1").matched) == len(backbone.state_dict())
+    train, test = digits_folders
+    assert probe_main(["--checkpoint", "torchvision:resnet18", "--input-size", "32", "--train", str(train),
+                       "--test", str(test), "--methods", "knn", "--label-fractions", "1.0", "--seeds", "1",
+                       "--no-plots", "--no-baselines", "--quiet", "--out", str(tmp_path / "eval")]) == 0  # DEFAULT = V1
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(CheckpointError, match="cannot download torchvision:resnet34.*put it at") as error:
+        read_state_dict("torchvision:resnet34:IMAGENET1K_V1")
+    assert "\n" not in str(error.value)
+    for name, fragment in [("torchvision:resnet18:IMAGENET9K", "choose from IMAGENET1K_V1, DEFAULT"),
+                           ("torchvision:nonet", "no model 'nonet'"), ("torchvision:a:b:c", "not torchvision:MODEL")]:
+        with pytest.raises(CheckpointError, match=fragment):
+            read_state_dict(name)
+    status = main(["--config", "configs/demo_digits.yaml", "--out", str(tmp_path / "run"), "--set",
+                   "model.backbone=resnet18", "--init", "torchvision:resnet34", "--epochs", "1", "--no-progress"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # the log lines come before it
+    assert status == 2 and last.startswith("ssl-pretrain: error: cannot download torchvision:resnet34 from https://")
