@@ -10,7 +10,7 @@
          (with its loss bookkeeping);
 * ours + validation: the same epoch plus its share of scoring the validation images (early
          stopping), images/s counting the training images only: validation every epoch, and
-         every ``training.validation_interval`` epochs, as ``linear-probe`` runs it (at most half
+         every ``training.validation_interval`` epochs, as ``linear-probe`` runs it (at most a quarter
          as many images scored as trained per epoch, at least 5 scores per run of --epochs).
 
 Both in the precision linear-probe trains in (fp32) and the default memory format. Prints a

@@ -99,7 +99,7 @@ def test_validation_interval_bounds_the_cost_of_scoring_and_keeps_five_scores():
     from linear_probe.training import validation_interval
 
     assert validation_interval(450, 5000, 30) == 6  # 1% of CIFAR-10: every 6th epoch, 5 scores
-    assert validation_interval(4500, 5000, 30) == 3  # 10%: at most 0.5 x 4,500 images scored per epoch
+    assert validation_interval(4500, 5000, 30) == 5  # 10%: at most 0.25 x 4,500 images scored per epoch
     assert validation_interval(45000, 5000, 30) == 1
     assert validation_interval(10, 5000, 3) == 1  # too few epochs to skip any
 

@@ -88,7 +88,7 @@ def test_finetune_benchmark_script_compares_bare_and_the_route(tmp_path, digits_
     table = capsys.readouterr().out
     rows = [line for line in table.splitlines() if line.startswith(("| bare |", "| ours |", "| ours + validation"))]
     assert len(rows) == 4 and rows[0].endswith("| 1.00 |")
-    assert "| ours + validation every 1 epochs (linear-probe) |" in table  # 64 val images < half of 128
+    assert "| ours + validation every 2 epochs (linear-probe) |" in table  # 64 val images, 0.25 x 128 per epoch
 
 
 def test_pixels_benchmark_script_has_a_row_per_size(tmp_path, capsys):
