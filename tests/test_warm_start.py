@@ -163,3 +163,19 @@ def test_torchvision_names_read_the_hub_cache_and_fail_in_one_line_offline(torch
                    "model.backbone=resnet18", "--init", "torchvision:resnet34", "--epochs", "1", "--no-progress"])
     last = capsys.readouterr().err.strip().splitlines()[-1]  # the log lines come before it
     assert status == 2 and last.startswith("ssl-pretrain: error: cannot download torchvision:resnet34 from https://")
+
+
+def test_the_warm_start_preset_continues_from_a_torchvision_resnet18(torchvision_resnet18, tmp_path):
+    """configs/warm_start_resnet18.yaml as written (ImageNet stem, its recipe), at 64 px and a
+    batch of 8 so that a CPU test can run two steps: every backbone tensor comes from the file."""
+    from test_eval_fixtures import write_digits_folder
+
+    data = write_digits_folder(tmp_path / "images", 2)  # 20 real digits
+    out = tmp_path / "adapted"
+    assert main(["--data", str(data), "--config", "configs/warm_start_resnet18.yaml", "--init",
+                 str(torchvision_resnet18[1]), "--set", "augment.input_size=64", "--set", "train.batch_size=8",
+                 "--set", "train.precision=fp32", "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
+    log_text = (out / "train.log").read_text()
+    assert "120 tensors loaded, 2 in the file not used (fc.weight, fc.bias)" in log_text and "left random" not in log_text
+    assert "resnet18, 1 epochs, peak lr 0.0009375" in log_text  # 0.03 per 256 images at batch 8
+    assert (out / "backbone.safetensors").is_file()
