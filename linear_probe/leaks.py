@@ -24,7 +24,6 @@ the count at ssl >= 0.99 alone is recorded as ``similar_in_features`` for a clos
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,8 +34,6 @@ from PIL import Image
 from linear_probe.embeddings import Embeddings
 from ssl_curate.duplicates import DEFAULT_THRESHOLD, file_digest, find_leaks
 from ssl_pretrain.data import ArraySource, FileSource, SubsetSource, UnreadableImage
-
-log = logging.getLogger(__name__)
 
 PIXEL_CORRELATION = 0.95
 """Centred pixel correlation (32 x 32) a feature-space neighbour must also reach to count."""
@@ -159,11 +156,10 @@ def check_leaks(train: list[tuple[SubsetSource, Embeddings]], test: tuple[Subset
     check = LeakCheck(len(test_embeddings), n_train, threshold=threshold, pixel_correlation=min_pixel_correlation)
     if n_train == 0 or len(test_embeddings) == 0:
         return check
-    # Rows of the embeddings -> positions in the subsets, to load images and name them.
+    # Rows of the embeddings -> (training set, position in it), to load the images and name them.
     test_position = _positions(test_images, test_embeddings)
-    train_positions = [_positions(images, embeddings) for images, embeddings in train]
-    row_owner = np.concatenate([np.full(len(features), number) for number, features in enumerate(train_features)])
-    row_local = np.concatenate([np.arange(len(features)) for features in train_features])
+    train_rows = [(images, int(position)) for images, embeddings in train
+                  for position in _positions(images, embeddings)]
     stacked = np.concatenate([np.asarray(features, dtype=np.float32) for features in train_features])
 
     exact = exact_copies([images for images, _ in train], test_images)
@@ -181,9 +177,7 @@ def check_leaks(train: list[tuple[SubsetSource, Embeddings]], test: tuple[Subset
         position = int(test_position[test_row])
         if position in recorded:
             continue
-        set_number, local_row = int(row_owner[train_row]), int(row_local[train_row])
-        images = train[set_number][0]
-        train_position = int(train_positions[set_number][local_row])
+        images, train_position = train_rows[train_row]
         try:
             correlation = pixel_correlation(test_images.load(position), images.load(train_position))
         except UnreadableImage:
