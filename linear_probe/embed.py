@@ -26,9 +26,9 @@ from linear_probe.embeddings import Embeddings, _assemble, extract_embeddings, s
 from linear_probe.errors import EvaluationError
 from ssl_pretrain.checkpoint import CheckpointError, load_backbone
 from ssl_pretrain.data import DataError, SubsetSource, open_source
-from ssl_pretrain.distributed import DistInfo, init_distributed, shutdown
-from ssl_pretrain.run_folder import setup_console_logging
-from ssl_pretrain.transforms import build_eval_transform
+from ssl_pretrain.engine.distributed import DistInfo, init_distributed, shutdown
+from ssl_pretrain.engine.run_folder import setup_console_logging
+from ssl_pretrain.augment.transforms import build_eval_transform
 
 log = logging.getLogger("ssl_pretrain")
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from linear_probe.errors import EvaluationError
 from ssl_pretrain.checkpoint import atomic_write
 from ssl_pretrain.data import DecodedSource, UnreadableImage
-from ssl_pretrain.transforms import EvalTransform
+from ssl_pretrain.augment.transforms import EvalTransform
 
 log = logging.getLogger(__name__)
 

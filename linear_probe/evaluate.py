@@ -34,13 +34,13 @@ from linear_probe.report import format_table, make_row, summarise, write_report
 from linear_probe.scoring import ProbeResult
 from linear_probe.splits import (LABEL_SELECTIONS, LabelBudget, parse_label_budgets, sample_label_subset,
                                  select_label_subset, stratified_split)
-from ssl_pretrain.allocator import keep_freed_memory
-from ssl_pretrain.backbones import build_backbone
+from ssl_pretrain.engine.allocator import keep_freed_memory
+from ssl_pretrain.models.backbones import build_backbone
 from ssl_pretrain.checkpoint import BackboneInfo
 from ssl_pretrain.data import DecodedSource, SubsetSource, common_small_size, decode_workers, open_source
 from ssl_pretrain.train import TENSOR_PIPELINE_AUTO_BYTES
-from ssl_pretrain.transforms import build_eval_transform
-from ssl_pretrain.warm_start import load_any_backbone
+from ssl_pretrain.augment.transforms import build_eval_transform
+from ssl_pretrain.models.warm_start import load_any_backbone
 
 log = logging.getLogger(__name__)
 
@@ -529,7 +529,7 @@ def evaluate(checkpoint: str | Path, train: str, out_dir: str | Path, *, test: s
         test: labelled source; when None, ``settings.test_fraction`` of train is held out.
         val: labelled source; when None, ``settings.val_fraction`` of train is held out.
         arch, input_size: read ``checkpoint`` as a foreign state dict (torchvision, timm) of this
-            architecture, fed ``input_size`` px images (``ssl_pretrain.warm_start``).
+            architecture, fed ``input_size`` px images (``ssl_pretrain.models.warm_start``).
 
     Raises:
         CheckpointError, DataError, EvaluationError: unusable inputs (one-line messages).

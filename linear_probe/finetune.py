@@ -19,7 +19,7 @@ from linear_probe.images import (
 )
 from linear_probe.scoring import ProbeResult, score_test, topk_accuracy
 from linear_probe.training import train_with_early_stopping, validation_interval
-from ssl_pretrain.transforms import EvalTransform, build_eval_transform
+from ssl_pretrain.augment.transforms import EvalTransform, build_eval_transform
 
 log = logging.getLogger(__name__)
 

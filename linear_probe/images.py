@@ -16,9 +16,9 @@ import torch
 import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
 
-from ssl_pretrain.batch_transforms import BatchNormalize, BatchResizedCropFlip
+from ssl_pretrain.augment.batch_transforms import BatchNormalize, BatchResizedCropFlip
 from ssl_pretrain.data import UnreadableImage
-from ssl_pretrain.transforms import EvalTransform
+from ssl_pretrain.augment.transforms import EvalTransform
 
 MIN_CROP_SCALE = 0.5
 """Light augmentation for supervised training on few labels: crops of at least half the image

@@ -22,11 +22,11 @@ from datetime import date
 import torch
 
 from linear_probe.embeddings import extract_embeddings
-from ssl_pretrain.backbones import build_backbone
+from ssl_pretrain.models.backbones import build_backbone
 from ssl_pretrain.checkpoint import load_backbone
-from ssl_pretrain.allocator import keep_freed_memory
+from ssl_pretrain.engine.allocator import keep_freed_memory
 from ssl_pretrain.data import DecodedSource, common_small_size, open_source, random_subset
-from ssl_pretrain.transforms import build_eval_transform
+from ssl_pretrain.augment.transforms import build_eval_transform
 
 
 def main(argv=None) -> int:

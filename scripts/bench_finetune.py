@@ -29,11 +29,11 @@ import torch
 
 from linear_probe.finetune import build_classifier, prepare_scoring, training_route
 from linear_probe.training import _train_one_epoch, validation_interval
-from ssl_pretrain.allocator import keep_freed_memory
+from ssl_pretrain.engine.allocator import keep_freed_memory
 from ssl_pretrain.checkpoint import load_backbone
 from ssl_pretrain.data import SubsetSource, open_source
-from ssl_pretrain.hardware import cpu_name, describe_cpu
-from ssl_pretrain.transforms import build_eval_transform
+from ssl_pretrain.engine.hardware import cpu_name, describe_cpu
+from ssl_pretrain.augment.transforms import build_eval_transform
 
 
 def subset(source, count: int, seed: int = 0) -> SubsetSource:

@@ -10,7 +10,7 @@ and timed in each runtime:
 * ``torch eager``: fp32, the default memory format, as a plain ``load_network`` gives it;
 * ``torch channels-last fp32``: what ``ssl-predict --runtime torch`` runs;
 * ``torch channels-last bf16``: autocast, only where the CPU runs bf16 natively (AMX or
-  AVX512-BF16, not held below them by ``ONEDNN_MAX_CPU_ISA``: ``ssl_pretrain.hardware``); ``compiled``: ``torch.compile`` of the same, with ``--compile``;
+  AVX512-BF16, not held below them by ``ONEDNN_MAX_CPU_ISA``: ``ssl_pretrain.engine.hardware``); ``compiled``: ``torch.compile`` of the same, with ``--compile``;
 * ``onnxruntime``: ``classifier.onnx`` from ``ssl-export``, CPU execution provider.
 
 Single-image latency: p50 and p99 over ``--repeats`` calls with a batch of one (after warm-up).
@@ -36,9 +36,9 @@ import torch
 from ssl_classifier.export import export_classifier
 from ssl_classifier.model import ClassifierInfo, ImageClassifier, load_network, save_classifier
 from ssl_classifier.predict import Classifier, predict_files
-from ssl_pretrain.allocator import keep_freed_memory
-from ssl_pretrain.backbones import build_backbone
-from ssl_pretrain.hardware import cpu_bf16_native, cpu_name
+from ssl_pretrain.engine.allocator import keep_freed_memory
+from ssl_pretrain.models.backbones import build_backbone
+from ssl_pretrain.engine.hardware import cpu_bf16_native, cpu_name
 
 MODELS = {
     # name: (architecture, small_stem, input size) - smallconv32 is configs/cifar10_cpu.yaml's network

@@ -27,8 +27,8 @@ from linear_probe.knn import evaluate_knn
 from linear_probe.logreg import evaluate_logreg
 from linear_probe.splits import stratified_split
 from ssl_pretrain.data import open_source
-from ssl_pretrain.hardware import cpu_name, describe_cpu
-from ssl_pretrain.transforms import build_eval_transform
+from ssl_pretrain.engine.hardware import cpu_name, describe_cpu
+from ssl_pretrain.augment.transforms import build_eval_transform
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
 

@@ -30,7 +30,7 @@ from linear_probe.evaluate import decoded_in_memory
 from ssl_curate.selection import select
 from ssl_pretrain.checkpoint import load_backbone
 from ssl_pretrain.data import open_source
-from ssl_pretrain.transforms import build_eval_transform
+from ssl_pretrain.augment.transforms import build_eval_transform
 
 
 def cpu_model() -> str:

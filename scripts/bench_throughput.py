@@ -27,14 +27,13 @@ from datetime import date
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ssl_pretrain.allocator import keep_freed_memory
-from ssl_pretrain.backbones import resolve_small_stem
+from ssl_pretrain.engine.allocator import keep_freed_memory
 from ssl_pretrain.config import load_config
 from ssl_pretrain.data import open_source, random_subset
-from ssl_pretrain.model import build_model
-from ssl_pretrain.optim import build_optimizer, build_scheduler
+from ssl_pretrain.methods import build_model
+from ssl_pretrain.engine.optim import build_optimizer, build_scheduler
 from ssl_pretrain.train import build_loader, make_step, resolve_device, train_step
-from ssl_pretrain.transforms import build_view_transform
+from ssl_pretrain.augment.transforms import build_view_transform
 
 
 def timed_steps(batches, step, warmup: int, steps: int, batch_size: int) -> float:
@@ -50,7 +49,7 @@ def timed_steps(batches, step, warmup: int, steps: int, batch_size: int) -> floa
 
 def fresh_step(cfg, device):
     torch.manual_seed(0)
-    model = build_model(cfg.model, resolve_small_stem(cfg.model.small_stem, cfg.augment.input_size)).to(device)
+    model = build_model(cfg).to(device)
     optimizer = build_optimizer(model, cfg.optim, cfg.train.batch_size)
     scheduler = build_scheduler(optimizer, cfg.optim, 1000, 10)
     return make_step(cfg, model, optimizer, scheduler, device)
@@ -141,7 +140,7 @@ def main(argv=None) -> int:
 
 def time_augmentation(args) -> int:
     """Milliseconds per batch of ``batch_views`` (crop, flip, jitter, grey, normalise; two views)."""
-    from ssl_pretrain.batch_transforms import batch_views, build_batch_augment
+    from ssl_pretrain.augment.batch_transforms import batch_views, build_batch_augment
     from ssl_pretrain.data import common_small_size, decode_all
 
     cfg = load_config(args.config, [f"data.source={args.data}", *args.overrides])

@@ -25,23 +25,21 @@ from pathlib import Path
 
 import torch
 
-from ssl_pretrain.backbones import resolve_small_stem
 from ssl_pretrain.config import load_config
 from ssl_pretrain.data import open_source
-from ssl_pretrain.model import build_loss, build_model
+from ssl_pretrain.methods import build_model
 from ssl_pretrain.train import pretrain, resolve_device
 
 
 def flops_per_step(cfg, device: torch.device) -> float:
-    """FLOPs of one forward + backward of the SimCLR model on a batch of view pairs."""
+    """FLOPs of one forward + backward of the configured method on a batch of view pairs."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = build_model(cfg.model, resolve_small_stem(cfg.model.small_stem, cfg.augment.input_size)).to(device)
+    model = build_model(cfg).to(device)
     size = cfg.augment.input_size
-    images = torch.randn(2 * cfg.train.batch_size, 3, size, size, device=device)
+    views = [torch.randn(cfg.train.batch_size, 3, size, size, device=device) for _ in range(2)]
     with FlopCounterMode(display=False) as counter:
-        projections_a, projections_b = model(images).chunk(2)
-        build_loss(cfg.loss)(projections_a, projections_b).backward()
+        model(views).backward()
     return float(counter.get_total_flops())
 
 
@@ -49,7 +47,7 @@ def knn_top1(backbone_path: Path, train: str, test: str, device: torch.device) -
     from linear_probe.embeddings import extract_embeddings
     from linear_probe.knn import knn_classify, topk_accuracy
     from ssl_pretrain.checkpoint import load_backbone
-    from ssl_pretrain.transforms import build_eval_transform
+    from ssl_pretrain.augment.transforms import build_eval_transform
 
     backbone, info = load_backbone(backbone_path)
     transform = build_eval_transform(info.input_size, info.mean, info.std)

@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 
 TINY = ["data.source=builtin:digits:train", "data.max_images=512", "augment.input_size=16",
-        "augment.min_scale=0.25", "model.backbone=smallconv", "model.proj_hidden_dim=128",
-        "model.proj_output_dim=32", "optim.warmup_epochs=0", "train.batch_size=64", "train.threads=1",
+        "augment.min_scale=0.25", "model.backbone=smallconv", "simclr.hidden_dim=128",
+        "simclr.output_dim=32", "optim.warmup_epochs=0", "train.batch_size=64", "train.threads=1",
         "train.log_every_steps=1", "data.num_workers=0"]
 
 KEYS = ("rss_mb", "peak_mb", "workers_mb", "workers_private_mb")
@@ -79,7 +79,7 @@ def sample(epoch: int) -> dict:
 
 def soak(epochs: int, out: Path, overrides: list[str]) -> dict:
     from ssl_pretrain.config import load_config
-    from ssl_pretrain.run_folder import RunFolder
+    from ssl_pretrain.engine.run_folder import RunFolder
     from ssl_pretrain.train import pretrain
 
     samples = []

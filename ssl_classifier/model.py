@@ -42,7 +42,7 @@ class ClassifierInfo:
 
     Attributes:
         classes: class names; logit ``i`` is ``classes[i]``.
-        architecture, small_stem, feature_dim: the backbone (``ssl_pretrain.backbones``).
+        architecture, small_stem, feature_dim: the backbone (``ssl_pretrain.models.backbones``).
         input_size: side of the square input; images are resized (short side, bicubic) and
             centre-cropped to it.
         mean, std: the normalisation the network applies to its [0, 1] input.
@@ -116,7 +116,7 @@ class ImageClassifier(nn.Module):
 
 def build_network(info: ClassifierInfo) -> ImageClassifier:
     """The classifier of ``info`` with random weights (to load a state dict into)."""
-    from ssl_pretrain.backbones import build_backbone
+    from ssl_pretrain.models.backbones import build_backbone
 
     try:
         backbone, _ = build_backbone(info.architecture, info.small_stem)

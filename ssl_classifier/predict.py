@@ -61,7 +61,7 @@ def _torch_runner(model_dir: Path, device: str, threads: int | None) -> Callable
     network, _ = load_network(model_dir)
     target = resolve_device(device)
     if target.type == "cpu":
-        from ssl_pretrain.allocator import keep_freed_memory
+        from ssl_pretrain.engine.allocator import keep_freed_memory
 
         keep_freed_memory()  # activations reuse heap blocks instead of fresh mmap pages every batch
     # channels-last: 16-23% faster convolutions on CPUs too (BENCHMARKS.md, section 1)

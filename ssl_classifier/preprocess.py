@@ -2,7 +2,7 @@
 ONNX runtime path runs without it).
 
 The geometry is torchvision's evaluation transform, restated: resize the short side to
-``input_size`` (bicubic), then centre-crop; ``ssl_pretrain.transforms.EvalTransform`` does the same
+``input_size`` (bicubic), then centre-crop; ``ssl_pretrain.augment.transforms.EvalTransform`` does the same
 with torchvision, and a test checks that both give the same pixels.
 """
 

@@ -35,9 +35,9 @@ from linear_probe.metrics import classification_metrics
 from linear_probe.splits import LabelBudget, sample_label_subset, stratified_split
 from linear_probe.training import train_with_early_stopping, validation_interval
 from ssl_classifier.model import INFO_FILE, MODEL_FILE, ClassifierError, ClassifierInfo, ImageClassifier, save_classifier
-from ssl_pretrain.warm_start import load_any_backbone
+from ssl_pretrain.models.warm_start import load_any_backbone
 from ssl_pretrain.data import SubsetSource, open_source
-from ssl_pretrain.transforms import build_eval_transform
+from ssl_pretrain.augment.transforms import build_eval_transform
 
 log = logging.getLogger(__name__)
 

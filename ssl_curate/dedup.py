@@ -115,7 +115,7 @@ def embed_source(checkpoint: str | Path, source, batch_size: int, device: str, p
     from linear_probe.errors import EvaluationError
     from ssl_pretrain.checkpoint import load_backbone
     from ssl_pretrain.data import DecodedSource, common_small_size, decode_workers
-    from ssl_pretrain.transforms import build_eval_transform
+    from ssl_pretrain.augment.transforms import build_eval_transform
 
     check_readable(source)  # all unreadable: one line now, not a warning and then an error
     backbone, info = load_backbone(checkpoint)

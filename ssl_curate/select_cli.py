@@ -24,7 +24,7 @@ from linear_probe.errors import EvaluationError
 from ssl_curate.selection import STRATEGIES, Selection, SelectionError, check_request, select
 from ssl_pretrain.checkpoint import CheckpointError, atomic_write, load_backbone
 from ssl_pretrain.data import DataError, open_source
-from ssl_pretrain.transforms import build_eval_transform
+from ssl_pretrain.augment.transforms import build_eval_transform
 
 PROG = "ssl-select"
 GRID_COLUMNS = 10

@@ -231,7 +231,7 @@ def load_backbone(path: str | Path, expect_architecture: str | None = None) -> t
     Raises:
         CheckpointError: missing, unreadable or unsafe file, or an architecture mismatch.
     """
-    from ssl_pretrain.backbones import build_backbone
+    from ssl_pretrain.models.backbones import build_backbone
 
     path = resolve_backbone_path(path)
     tensors, info = read_backbone_file(path)

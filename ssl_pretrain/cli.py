@@ -9,18 +9,20 @@ from typing import Optional, Sequence
 
 import yaml
 
-from ssl_pretrain.backbones import BACKBONES
+from ssl_pretrain.models.backbones import BACKBONES
 from ssl_pretrain.checkpoint import CheckpointError
 from ssl_pretrain.config import ConfigError, load_config
+from ssl_pretrain.methods import METHODS
 from ssl_pretrain.data import DataError
-from ssl_pretrain.run_folder import RunFolderError, setup_console_logging
+from ssl_pretrain.engine.run_folder import RunFolderError, setup_console_logging
 
 EPILOG = """examples:
   ssl-pretrain --config configs/demo_digits.yaml --out runs/demo
   ssl-pretrain --data /data/images --config configs/cifar10_cpu.yaml --out runs/mine --epochs 50
   ssl-pretrain --data /data/images --config configs/cifar10_cpu.yaml --out runs/15min --time-budget 15
   ssl-pretrain --data cifar10:/data/cifar --config configs/cifar10_resnet18.yaml --out runs/c10 \\
-      --set optim.lr=0.3 --set loss.temperature=0.2
+      --set optim.lr=0.3 --set simclr.temperature=0.2
+  ssl-pretrain --data /data/images --config configs/cifar10_cpu.yaml --out runs/byol --method byol
   ssl-pretrain ... --resume          # continue a killed run (starts fresh if it has no checkpoint)
 """
 
@@ -28,8 +30,8 @@ EPILOG = """examples:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ssl-pretrain",
-        description="SimCLR pretraining on unlabelled images: writes checkpoints and an exported "
-        "backbone (backbone.safetensors) into --out.",
+        description="Self-supervised pretraining on unlabelled images (SimCLR, MoCo, BYOL, SimSiam, Barlow "
+        "Twins, VICReg, DINO): writes checkpoints and an exported backbone (backbone.safetensors) into --out.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -40,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the CIFAR-10 ResNet-18 recipe for small images)")
     parser.add_argument("--out", help="run folder: config.yaml, metrics.jsonl, train.log, "
                         "checkpoints/, backbone.safetensors")
+    parser.add_argument("--method", help="the pretraining method (method; default simclr; see --list-methods); "
+                        "its settings are under the section of its name, e.g. --set byol.momentum=0.996")
     parser.add_argument("--epochs", type=int, help="number of epochs (train.epochs)")
     parser.add_argument("--time-budget", type=float, metavar="MINUTES", help="train for this many "
                         "minutes of wall clock, decoding included: the learning-rate decay ends and the "
@@ -60,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--list-backbones", action="store_true", help="list backbone names and exit")
+    parser.add_argument("--list-methods", action="store_true", help="list pretraining methods and exit")
     return parser
 
 
@@ -67,7 +72,8 @@ def resolve_overrides(args: argparse.Namespace) -> list[str]:
     """The named flags are shorthands for config keys; they win over --set."""
     shorthands = {"data": "data.source", "epochs": "train.epochs", "batch_size": "train.batch_size",
                   "seed": "train.seed", "device": "train.device",
-                  "time_budget": "train.time_budget_minutes", "init": "model.init"}
+                  "time_budget": "train.time_budget_minutes", "init": "model.init",
+                  "method": "method"}
     overrides = list(args.overrides)
     for flag, key in shorthands.items():
         value = getattr(args, flag)
@@ -83,6 +89,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for name, spec in sorted(BACKBONES.items()):
             print(f"{name:12s} {spec.feature_dim:5d}-d  {spec.description}")
         return 0
+    if args.list_methods:
+        for name, module in METHODS.items():
+            print(f"{name:12s} {module.SUMMARY}")
+        return 0
     try:
         cfg = load_config(args.config, resolve_overrides(args))
         if args.print_config:
@@ -93,7 +103,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         setup_console_logging()
         from ssl_pretrain.train import DivergenceError, pretrain
 
-        pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+        monitor = None
+        if cfg.monitor.train and cfg.monitor.val:
+            from linear_probe.monitor import KnnMonitor  # evaluation code, handed to the loop
+
+            monitor = KnnMonitor(cfg)
+        pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                 monitor=monitor)
     except (ConfigError, DataError, CheckpointError, RunFolderError) as error:
         print(f"ssl-pretrain: error: {error}", file=sys.stderr)
         return 2

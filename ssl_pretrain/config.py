@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from ssl_pretrain.methods import METHODS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -80,32 +82,23 @@ class AugmentConfig(_Section):
 
 class ModelConfig(_Section):
     backbone: str = "resnet18"
-    """A name from ``ssl_pretrain.backbones.BACKBONES`` (``ssl-pretrain --list-backbones``)."""
+    """A name from ``ssl_pretrain.models.backbones.BACKBONES`` (``ssl-pretrain --list-backbones``)."""
     small_stem: Optional[bool] = None
     """ResNet stem for small images (3x3 conv, no max-pool). Default: on for inputs <= 64 px."""
-    proj_hidden_dim: int = Field(2048, ge=1)
-    proj_output_dim: int = Field(128, ge=1)
-    """SimCLR paper: 2-layer MLP head, 128-d output (Section 4.2)."""
     init: Optional[str] = None
     """Start the backbone from these weights (``--init``): a torchvision/timm state dict (``.pth``,
     loaded with ``weights_only=True``), a ``.safetensors`` file or one of our runs; the head starts
-    fresh. ``ssl_pretrain.warm_start``. With a warm start, a lower ``optim.lr`` usually suits."""
+    fresh. ``ssl_pretrain.models.warm_start``. With a warm start, a lower ``optim.lr`` usually suits."""
 
 
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, name: str) -> str:
-        from ssl_pretrain.backbones import BACKBONES
+        from ssl_pretrain.models.backbones import BACKBONES
 
         if name not in BACKBONES:
             raise ValueError(f"unknown backbone; available: {', '.join(sorted(BACKBONES))}")
         return name
-
-
-class LossConfig(_Section):
-    temperature: float = Field(0.5, gt=0)
-    """NT-Xent temperature. 0.5 is the SimCLR paper's best for CIFAR-10 (Appendix B.9) and
-    lightly's default; the paper uses 0.1 for ImageNet (Table 5)."""
 
 
 class OptimConfig(_Section):
@@ -141,7 +134,7 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """``auto``: bf16 autocast where the hardware runs bf16 natively - CUDA from compute
     capability 8, CPUs with AMX or AVX512-BF16 (1.6-3x faster than fp32 there) - and fp32
-    elsewhere, where bf16 is emulated and 10-40x slower (``ssl_pretrain.hardware``). A forced
+    elsewhere, where bf16 is emulated and 10-40x slower (``ssl_pretrain.engine.hardware``). A forced
     ``bf16`` on such a CPU runs with a warning."""
     channels_last: Optional[bool] = None
     """Default: on for CUDA and CPU (oneDNN convolutions train 16-23% faster channels-last on
@@ -162,7 +155,7 @@ class TrainConfig(_Section):
     """torch intra-op threads; default leaves torch's choice."""
     keep_freed_memory: bool = True
     """CPU runs on Linux: let glibc's heap keep freed blocks for reuse instead of mapping fresh
-    pages for every multi-megabyte tensor (``ssl_pretrain.allocator``; 5-30% faster steps and
+    pages for every multi-megabyte tensor (``ssl_pretrain.engine.allocator``; 5-30% faster steps and
     augmentation on the CPU measured; the process keeps its peak memory)."""
 
 
@@ -183,23 +176,51 @@ VARIANT_CONDITIONS = {
     "no_fast_bf16": "bf16 is not the fast precision here - no AMX tiles and no CUDA GPU of compute capability 8+, "
                     "and on a CPU with AVX512-BF16 alone a probe found fp32 faster - so training runs in fp32",
 }
-"""The conditions a preset's ``variants:`` section may be keyed by (``ssl_pretrain.hardware``)."""
+"""The conditions a preset's ``variants:`` section may be keyed by (``ssl_pretrain.engine.hardware``)."""
 
 
-class Config(_Section):
+class _ConfigBase(_Section):
     variant: Optional[str] = None
     """The preset variant ``load_config`` applied for this hardware (informational; set by it)."""
+    method: str = "simclr"
+    """The pretraining method (``ssl_pretrain.methods``; ``ssl-pretrain --list-methods``). Its
+    hyper-parameters are in the section of the same name (``simclr.temperature``, ``byol.momentum``)."""
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
     model: ModelConfig = ModelConfig()
-    loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     monitor: MonitorConfig = MonitorConfig()
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        if name not in METHODS:
+            raise ValueError(f"unknown method; available: {', '.join(METHODS)}")
+        return name
+
+    @property
+    def method_settings(self) -> BaseModel:
+        """The section of the selected method (``cfg.simclr`` when ``method`` is simclr)."""
+        return getattr(self, self.method)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (lists, not tuples) that YAML and ``torch.load(weights_only=True)`` accept."""
         return _tuples_to_lists(self.model_dump())
+
+
+# One section per method, named after it, with the method's own defaults (each method's file).
+Config = create_model(
+    "Config", __base__=_ConfigBase, __doc__="One pretraining run's settings; every default names its source.",
+    **{name: (module.Settings, module.Settings()) for name, module in METHODS.items()},
+)
+
+MOVED_KEYS = {
+    "loss.temperature": "simclr.temperature",
+    "model.proj_hidden_dim": "simclr.hidden_dim",
+    "model.proj_output_dim": "simclr.output_dim",
+}
+"""Keys that have moved to a method's section (``--set loss.temperature`` names the new key)."""
 
 
 def _tuples_to_lists(value: Any) -> Any:
@@ -223,6 +244,8 @@ def _allowed_keys(loc: tuple) -> list[str]:
 def _format_validation_error(error: ValidationError, origin: str) -> str:
     first = error.errors()[0]
     key = ".".join(str(part) for part in first["loc"])
+    if key in MOVED_KEYS:
+        return f"{origin}: config key '{key}' is now '{MOVED_KEYS[key]}'"
     if first["type"] == "extra_forbidden":
         allowed = _allowed_keys(first["loc"])
         close = difflib.get_close_matches(str(first["loc"][-1]), allowed, n=1)
@@ -309,7 +332,7 @@ def _apply_variant(tree: dict, variants: dict[str, dict[str, Any]], user: list) 
     """Apply the first variant whose condition holds on the device the run will use. Where only a
     measurement can tell (a CPU with AVX512-BF16 but no AMX), the preset's own network is timed in
     both precisions (``ssl_pretrain.train.probe_precisions``; a few seconds, cached per machine)."""
-    from ssl_pretrain.hardware import fast_bf16
+    from ssl_pretrain.engine.hardware import fast_bf16
 
     device = next((value for parts, value in reversed(user) if parts == ["train", "device"]), None)
     device = str(device or (tree.get("train") or {}).get("device") or "auto")
@@ -334,15 +357,9 @@ def _base_network_probe(tree: dict, user: list, device: str):
         return None, ""
     import torch
 
-    from ssl_pretrain.backbones import resolve_small_stem
-    from ssl_pretrain.model import build_model
     from ssl_pretrain.train import probe_precisions, probe_workload
 
     channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else device != "mps"
     torch_device = torch.device("cpu" if device == "auto" else device)  # only CPUs are probed
 
-    def probe() -> dict[str, float]:
-        model = build_model(cfg.model, resolve_small_stem(cfg.model.small_stem, cfg.augment.input_size))
-        return probe_precisions(cfg, model, torch_device, channels_last)
-
-    return probe, probe_workload(cfg, channels_last)
+    return (lambda: probe_precisions(cfg, torch_device, channels_last)), probe_workload(cfg, channels_last)

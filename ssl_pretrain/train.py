@@ -1,12 +1,12 @@
 """The pretraining loop: one function, ``pretrain(cfg, out_dir)``, read top to bottom.
 
-images -> two views (``dataset``) -> backbone + head (``model``) -> NT-Xent -> SGD/LARS step,
-a checkpoint after every epoch, the backbone exported at the end.
+images (``data``) -> two views (``augment``) -> the method (``methods``: backbone + heads ->
+loss) -> SGD/LARS step (``engine.optim``) -> momentum/teacher update, a checkpoint after every
+epoch, the student backbone exported at the end.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import ssl_pretrain
-from ssl_pretrain.allocator import keep_freed_memory
-from ssl_pretrain.backbones import BACKBONES, resolve_small_stem
+from ssl_pretrain.engine.allocator import keep_freed_memory
+from ssl_pretrain.models.backbones import BACKBONES, resolve_small_stem
 from ssl_pretrain.checkpoint import (
     BackboneInfo,
     atomic_write,
@@ -33,8 +33,8 @@ from ssl_pretrain.checkpoint import (
     save_checkpoint,
 )
 from ssl_pretrain.config import VARIANT_CONDITIONS, Config, ConfigError
-from ssl_pretrain.warm_start import load_init_weights
-from ssl_pretrain.batch_transforms import build_batch_augment
+from ssl_pretrain.models.warm_start import load_init_weights
+from ssl_pretrain.augment.batch_transforms import build_batch_augment
 from ssl_pretrain.data import (
     DataError,
     check_readable,
@@ -44,7 +44,7 @@ from ssl_pretrain.data import (
     open_source,
     random_subset,
 )
-from ssl_pretrain.distributed import (
+from ssl_pretrain.engine.distributed import (
     DistInfo,
     barrier,
     convert_sync_batchnorm,
@@ -57,7 +57,7 @@ from ssl_pretrain.distributed import (
     shutdown,
     unwrap,
 )
-from ssl_pretrain.dataset import (
+from ssl_pretrain.data.dataset import (
     EpochBatchSampler,
     TensorBatches,
     TwoViewDataset,
@@ -65,11 +65,11 @@ from ssl_pretrain.dataset import (
     seed_everything,
     worker_count,
 )
-from ssl_pretrain.hardware import bf16_native, resolve_precision
-from ssl_pretrain.model import SimCLR, build_loss, build_model
-from ssl_pretrain.optim import BudgetClock, build_optimizer, build_scheduler, scaled_lr
-from ssl_pretrain.run_folder import RunFolder
-from ssl_pretrain.transforms import build_view_transform
+from ssl_pretrain.engine.hardware import bf16_native, resolve_precision
+from ssl_pretrain.methods import Method, build_model
+from ssl_pretrain.engine.optim import BudgetClock, build_optimizer, build_scheduler, scaled_lr
+from ssl_pretrain.engine.run_folder import RunFolder
+from ssl_pretrain.augment.transforms import build_view_transform
 
 log = logging.getLogger("ssl_pretrain")
 
@@ -247,7 +247,7 @@ def rng_states() -> dict[str, Any]:
     }
 
 
-def write_checkpoint(run: RunFolder, cfg: Config, model: SimCLR, optimizer, scheduler, state: RunState,
+def write_checkpoint(run: RunFolder, cfg: Config, model: Method, optimizer, scheduler, state: RunState,
                      clock: Optional[BudgetClock] = None) -> None:
     if not run.writer:
         return  # rank 0 writes for everyone
@@ -273,33 +273,42 @@ def write_checkpoint(run: RunFolder, cfg: Config, model: SimCLR, optimizer, sche
 class Step:
     """What one optimisation step needs, resolved once per run."""
 
-    model: SimCLR
-    criterion: torch.nn.Module
+    model: Method
     optimizer: torch.optim.Optimizer
     scheduler: Any
     device: torch.device
     autocast: Any
     channels_last: bool
     grad_clip: Optional[float]
+    total_steps: int = 0  # epochs x steps per epoch: momentum schedules run over these
     dist: DistInfo = field(default_factory=DistInfo)
     clock: Optional[BudgetClock] = None  # train.time_budget_minutes
     forecast_done: bool = False  # the time budget's epoch forecast is logged once per process
 
 
-def train_step(step: Step, views: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """One SGD/LARS step on a batch of view pairs; returns the (detached) loss."""
+def training_progress(step: Step) -> float:
+    """The fraction of training done, 0 -> 1: steps over the planned steps or, with a time
+    budget, the budget's fraction if larger (the learning rate's cosine uses the same)."""
+    done = step.scheduler.last_epoch / max(step.total_steps, 1)  # the scheduler counts the steps taken
+    if step.clock is not None:
+        done = max(done, step.clock.progress())
+    return min(done, 1.0)
+
+
+def train_step(step: Step, views: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """One SGD/LARS step on a batch of views, then the method's momentum update; returns the
+    (detached) loss."""
     memory_format = torch.channels_last if step.channels_last else torch.contiguous_format
-    # Both views in one forward pass: BatchNorm sees the whole 2B batch, as in SimCLR.
-    images = torch.cat(views).to(step.device, non_blocking=True, memory_format=memory_format)
+    views = [view.to(step.device, non_blocking=True, memory_format=memory_format) for view in views]
     with step.autocast():
-        projections_a, projections_b = step.model(images).float().chunk(2)
-        loss = step.criterion(projections_a, projections_b)
+        loss = step.model(views)
     step.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if step.grad_clip:
         torch.nn.utils.clip_grad_norm_(step.model.parameters(), step.grad_clip)
     step.optimizer.step()
     step.scheduler.step()
+    unwrap(step.model).after_step(training_progress(step))
     return mean_over_ranks(loss.detach(), step.dist)  # the global batch's loss, the same on every rank
 
 
@@ -416,19 +425,22 @@ PROBE_STEPS = 3
 
 def probe_workload(cfg: Config, channels_last: bool) -> str:
     """What the precision probe's answer depends on besides the machine."""
-    return (f"{cfg.model.backbone} {cfg.augment.input_size}px batch {cfg.train.batch_size}"
+    return (f"{cfg.method} {cfg.model.backbone} {cfg.augment.input_size}px batch {cfg.train.batch_size}"
             f"{' channels-last' if channels_last else ''}")
 
 
-def probe_precisions(cfg: Config, model: SimCLR, device: torch.device, channels_last: bool) -> dict[str, float]:
-    """Images/s of forward+backward of a copy of ``model`` in fp32 and under bf16 autocast, on
-    random views of the run's size (a batch of at most 64 images, so a large network still takes
-    seconds). The model, its BatchNorm statistics and the random state are left as they were."""
+def probe_precisions(cfg: Config, device: torch.device, channels_last: bool) -> dict[str, float]:
+    """Images/s of forward+backward of the configured method and network (a fresh one: weights do
+    not change the speed) in fp32 and under bf16 autocast, on random views of the run's size (a
+    batch of at most 64 images, so a large network still takes seconds). The random state is left
+    as it was."""
     images = min(cfg.train.batch_size, 64)
     size, memory_format = cfg.augment.input_size, torch.channels_last if channels_last else torch.contiguous_format
     rates = {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        network = copy.deepcopy(model).train()
+        network = build_model(cfg).to(device).train()
+        if channels_last:
+            network.to(memory_format=torch.channels_last)
         views = torch.randn(2 * images, 3, size, size, device=device).contiguous(memory_format=memory_format)
         for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
             context = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
@@ -436,21 +448,21 @@ def probe_precisions(cfg: Config, model: SimCLR, device: torch.device, channels_
                 if index == 1:
                     started = time.perf_counter()
                 with context:
-                    loss = network(views).float().square().mean()
+                    loss = network(list(views.chunk(2)))
                 loss.backward()
                 network.zero_grad(set_to_none=True)
             rates[name] = PROBE_STEPS * images / (time.perf_counter() - started)
     return rates
 
 
-def make_step(cfg: Config, model: SimCLR, optimizer, scheduler, device: torch.device,
-              dist_info: DistInfo = DistInfo()) -> Step:
+def make_step(cfg: Config, model: Method, optimizer, scheduler, device: torch.device,
+              dist_info: DistInfo = DistInfo(), total_steps: int = 0) -> Step:
     """Resolve precision, memory format, ``DistributedDataParallel`` and ``torch.compile`` once."""
     # channels-last: tensor cores on GPUs; oneDNN's convolutions on CPUs (+16% smallconv, +23%
     # ResNet-18 training on 2 Xeon cores, BENCHMARKS.md section 1)
     channels_last = device.type in ("cuda", "cpu") if cfg.train.channels_last is None else cfg.train.channels_last
     # bf16 only where the hardware runs it natively and faster (a probe decides where unclear)
-    probe = None if dist_info.enabled else lambda: probe_precisions(cfg, model, device, channels_last)
+    probe = None if dist_info.enabled else lambda: probe_precisions(cfg, device, channels_last)
     use_bf16 = resolve_precision(cfg.train.precision, device, probe, workload=probe_workload(cfg, channels_last))
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
     if channels_last:
@@ -461,18 +473,21 @@ def make_step(cfg: Config, model: SimCLR, optimizer, scheduler, device: torch.de
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.compile:
         forward_model = torch.compile(forward_model)
-    return Step(forward_model, build_loss(cfg.loss, gather_distributed=dist_info.enabled), optimizer,
-                scheduler, device, autocast, channels_last, cfg.optim.grad_clip, dist_info)
+    return Step(forward_model, optimizer, scheduler, device, autocast, channels_last, cfg.optim.grad_clip,
+                total_steps, dist_info)
 
 
 def pretrain(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: bool = False,
-             progress: bool = True) -> Path:
-    """Pretrain a SimCLR backbone on ``cfg.data.source`` and write the run into ``out_dir``.
+             progress: bool = True, monitor: Optional[Callable[[torch.nn.Module], float]] = None) -> Path:
+    """Pretrain a backbone with ``cfg.method`` on ``cfg.data.source`` and write the run into ``out_dir``.
 
     Args:
         resume: continue from ``out_dir/checkpoints/last.pt``; starts fresh when there is none.
         overwrite: delete a run already in ``out_dir`` instead of refusing.
         progress: show a progress bar.
+        monitor: called with the backbone every ``monitor.every_epochs`` epochs; its number is
+            logged as ``knn_top1`` (``linear_probe.monitor.KnnMonitor(cfg)``, which the
+            ``ssl-pretrain`` command passes when ``monitor.train`` and ``monitor.val`` are set).
 
     Returns:
         The path of the exported ``backbone.safetensors``.
@@ -485,13 +500,13 @@ def pretrain(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: 
     dist_info, rank_device = init_distributed(cfg.train.device)
     try:
         with quiet_unless_main(dist_info):
-            return _pretrain(cfg, out_dir, resume, overwrite, progress, dist_info, rank_device)
+            return _pretrain(cfg, out_dir, resume, overwrite, progress, dist_info, rank_device, monitor)
     finally:
         shutdown(dist_info)
 
 
 def _pretrain(cfg: Config, out_dir: str | Path, resume: bool, overwrite: bool, progress: bool,
-              dist_info: DistInfo, rank_device: Optional[torch.device]) -> Path:
+              dist_info: DistInfo, rank_device: Optional[torch.device], monitor) -> Path:
     if cfg.train.batch_size % dist_info.world_size:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} is the global batch and must be divisible "
                           f"by the {dist_info.world_size} ranks")
@@ -521,7 +536,7 @@ def _pretrain(cfg: Config, out_dir: str | Path, resume: bool, overwrite: bool, p
         loader, sampler = build_loader(cfg, source, device, progress, dist_info)
 
         seed_everything(cfg.train.seed)
-        model = build_model(cfg.model, resolve_small_stem(cfg.model.small_stem, cfg.augment.input_size))
+        model = build_model(cfg, gather_distributed=dist_info.enabled)
         if cfg.model.init and not (resume and run.last_checkpoint.exists()):  # a resumed run has its own weights
             log.info(load_init_weights(model.backbone, cfg.model.init).summary())
         if cfg.train.sync_batchnorm and dist_info.enabled:
@@ -544,9 +559,12 @@ def _pretrain(cfg: Config, out_dir: str | Path, resume: bool, overwrite: bool, p
         if cfg.variant:
             log.info("preset variant '%s' applied (%s): the settings under variants.%s of the preset, "
                      "before --set", cfg.variant, VARIANT_CONDITIONS[cfg.variant], cfg.variant)
-        step = make_step(cfg, model, optimizer, scheduler, device, dist_info)
+        step = make_step(cfg, model, optimizer, scheduler, device, dist_info, len(sampler) * cfg.train.epochs)
         step.clock = clock
-        train_epochs(cfg, run, step, loader, sampler, state, progress)
+        if monitor is None and cfg.monitor.train and cfg.monitor.val:
+            log.warning("monitor.train/val are set but no monitor was given: pass "
+                        "monitor=linear_probe.monitor.KnnMonitor(cfg) to pretrain() (ssl-pretrain does)")
+        train_epochs(cfg, run, step, loader, sampler, state, progress, monitor if run.writer else None)
         if run.writer:
             export_backbone(run.backbone_file, model.backbone, backbone_info(cfg, model.feature_dim, state.epoch))
             log.info("done: backbone written to %s; %d unreadable files skipped", run.backbone_file,
@@ -592,8 +610,8 @@ def torch_threads(count: Optional[int]):
         torch.set_num_threads(previous)
 
 
-def train_epochs(cfg: Config, run: RunFolder, step: Step, loader, sampler, state: RunState, progress: bool) -> None:
-    monitor = build_monitor(cfg, step.device) if run.writer else None
+def train_epochs(cfg: Config, run: RunFolder, step: Step, loader, sampler, state: RunState, progress: bool,
+                 monitor: Optional[Callable[[torch.nn.Module], float]] = None) -> None:
     writer = tensorboard_writer(cfg, run) if run.writer else None
     run_started, start_epoch = time.perf_counter(), state.epoch
     while state.epoch < cfg.train.epochs:
@@ -644,12 +662,3 @@ def tensorboard_writer(cfg: Config, run: RunFolder):
     except ImportError:
         raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
     return SummaryWriter(str(run.path / "tensorboard"))
-
-
-def build_monitor(cfg: Config, device: torch.device):
-    """The online kNN monitor (None when ``monitor.train``/``monitor.val`` are not both set)."""
-    if not (cfg.monitor.train and cfg.monitor.val):
-        return None
-    from ssl_pretrain.monitor import KnnMonitor
-
-    return KnnMonitor(cfg, device)

@@ -47,8 +47,8 @@ def tiny_config(*overrides: str, source: str = "builtin:digits:train") -> Config
     base = [
         f"data.source={source}", "data.num_workers=0", "data.max_images=256",
         "augment.input_size=16", "augment.min_scale=0.25",
-        "model.backbone=smallconv", "model.proj_hidden_dim=128", "model.proj_output_dim=32",
-        "loss.temperature=0.2", "optim.lr=0.5", "optim.warmup_epochs=0",
+        "model.backbone=smallconv", "simclr.hidden_dim=128", "simclr.output_dim=32",
+        "simclr.temperature=0.2", "optim.lr=0.5", "optim.warmup_epochs=0",
         "train.epochs=1", "train.batch_size=64", "train.log_every_steps=1",
         "train.precision=fp32",  # the same arithmetic on every machine (auto is bf16 where native)
     ]

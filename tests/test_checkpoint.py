@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ssl_pretrain import checkpoint as checkpoint_module
-from ssl_pretrain.backbones import build_backbone
+from ssl_pretrain.models.backbones import build_backbone
 from ssl_pretrain.checkpoint import (
     BackboneInfo,
     CheckpointError,

@@ -20,7 +20,7 @@ from ssl_classifier.model import ClassifierError, load_network
 from ssl_classifier.preprocess import to_input
 from ssl_classifier.train import FinetuneSettings, class_weights, fold_standardisation, train_classifier
 from ssl_pretrain.data import digits_source
-from ssl_pretrain.transforms import build_eval_transform
+from ssl_pretrain.augment.transforms import build_eval_transform
 
 from test_eval_cli import assert_one_line_error
 from test_eval_fixtures import export_random_backbone, write_digits_folder

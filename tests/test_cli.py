@@ -11,7 +11,7 @@ from ssl_pretrain.cli import main
 from conftest import write_digit_images
 
 FAST = ["--set", "model.backbone=smallconv", "--set", "augment.input_size=16", "--set", "augment.min_scale=0.25",
-        "--set", "model.proj_hidden_dim=64", "--set", "data.num_workers=0", "--no-progress"]
+        "--set", "simclr.hidden_dim=64", "--set", "data.num_workers=0", "--no-progress"]
 
 
 @pytest.fixture

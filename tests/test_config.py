@@ -43,7 +43,7 @@ def test_overrides_are_typed_and_nested():
         ("optimiser.lr=0.1", "unknown config key 'optimiser'; did you mean 'optim'?"),
         ("train.epochs=many", "bad value for 'train.epochs'"),
         ("optim.name=adam", "bad value for 'optim.name'"),
-        ("loss.temperature=0", "bad value for 'loss.temperature'"),
+        ("simclr.temperature=0", "bad value for 'simclr.temperature'"),
     ],
 )
 def test_a_mistake_is_one_line_naming_the_key(override, expected):

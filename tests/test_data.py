@@ -165,7 +165,7 @@ def test_random_subset_is_fixed_and_keeps_labels():
 
 
 def test_decoding_in_worker_processes_gives_the_same_array(tmp_path, monkeypatch):
-    import ssl_pretrain.data as data_module
+    import ssl_pretrain.data.sources as data_module
     from conftest import write_digit_images
     from ssl_pretrain.data import decode_all
 

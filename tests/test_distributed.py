@@ -26,12 +26,12 @@ import torch.multiprocessing as mp
 from ssl_pretrain.checkpoint import load_checkpoint
 from ssl_pretrain.config import load_config
 from ssl_pretrain.data import open_source, random_subset
-from ssl_pretrain.dataset import EpochBatchSampler, TwoViewDataset, epoch_batches
-from ssl_pretrain.distributed import DistInfo, GlobalBatchNorm, convert_sync_batchnorm
-from ssl_pretrain.model import build_loss, build_model
-from ssl_pretrain.optim import build_optimizer, build_scheduler
+from ssl_pretrain.data.dataset import EpochBatchSampler, TwoViewDataset, epoch_batches
+from ssl_pretrain.engine.distributed import DistInfo, GlobalBatchNorm, convert_sync_batchnorm
+from ssl_pretrain.methods import build_model
+from ssl_pretrain.engine.optim import build_optimizer, build_scheduler
 from ssl_pretrain.train import make_step, train_step
-from ssl_pretrain.transforms import build_view_transform
+from ssl_pretrain.augment.transforms import build_view_transform
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -40,8 +40,8 @@ ARGS = [
     "--data", "builtin:digits:train", "--batch-size", "64", "--epochs", "1", "--no-progress",
     "--set", "data.max_images=128", "--set", "data.pipeline=pil", "--set", "data.num_workers=0",
     "--set", "augment.input_size=16", "--set", "augment.min_scale=0.25",
-    "--set", "model.backbone=smallconv", "--set", "model.proj_hidden_dim=64", "--set", "model.proj_output_dim=32",
-    "--set", "loss.temperature=0.2", "--set", "optim.lr=0.5", "--set", "optim.warmup_epochs=0",
+    "--set", "model.backbone=smallconv", "--set", "simclr.hidden_dim=64", "--set", "simclr.output_dim=32",
+    "--set", "simclr.temperature=0.2", "--set", "optim.lr=0.5", "--set", "optim.warmup_epochs=0",
     "--set", "train.log_every_steps=1", "--set", "train.sync_batchnorm=true", "--set", "train.threads=1",
     "--set", "train.precision=fp32",  # auto is bf16 on CPUs with native bf16: tolerances here are fp32's
     # the default memory format: channels-last picks other convolution kernels, whose float32
@@ -76,7 +76,9 @@ def test_two_ranks_train_exactly_like_one_process(tmp_path):
     assert result.stderr.count("done: backbone written") == 1
     one, two = _losses(single), _losses(double)
     assert len(one) == len(two) == 2  # 128 images, global batch 64
-    assert two == pytest.approx(one, rel=1e-5, abs=1e-6)
+    # float32 sums in another order: 3.4e-5 apart at the second step on an AMD EPYC (AVX2), under
+    # 1e-5 on a Xeon; the float64 unit test below pins the equivalence down to 1e-7
+    assert two == pytest.approx(one, rel=1e-4, abs=1e-6)
 
     # float32: summing in another order moves the weights of nearly constant BatchNorm channels
     # by up to ~1e-3 on digits (the float64 unit test below pins exactness down to 1e-7).
@@ -178,7 +180,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _tiny_setup(sync_batchnorm: bool, world: int, batch: int = 32):
+def _tiny_setup(sync_batchnorm: bool, world: int, batch: int = 32, gather: bool = False):
     """A small SimCLR in float64 on one global batch of real digit views (the data path's own).
 
     float64, because real digits make a few BatchNorm channels nearly constant: summing the
@@ -187,16 +189,16 @@ def _tiny_setup(sync_batchnorm: bool, world: int, batch: int = 32):
     1e-3 and more.
     """
     torch.set_default_dtype(torch.float64)
-    cfg = load_config(None, ["model.backbone=smallconv", "model.proj_hidden_dim=32", "model.proj_output_dim=16",
+    cfg = load_config(None, ["model.backbone=smallconv", "simclr.hidden_dim=32", "simclr.output_dim=16",
                              "augment.input_size=16", "augment.min_scale=0.25", "optim.lr=0.5",
-                             "optim.warmup_epochs=0", f"train.batch_size={batch}", "loss.temperature=0.2",
+                             "optim.warmup_epochs=0", f"train.batch_size={batch}", "simclr.temperature=0.2",
                              "train.precision=fp32"])
     dataset = TwoViewDataset(random_subset(open_source("builtin:digits:train"), batch),
                              build_view_transform(cfg.augment), seed=0)
     pairs = [dataset[(0, index)] for index in range(batch)]
     views = (torch.stack([a for a, _ in pairs]).double(), torch.stack([b for _, b in pairs]).double())
     torch.manual_seed(0)
-    model = build_model(cfg.model, small_stem=True)
+    model = build_model(cfg, gather_distributed=gather)
     if sync_batchnorm and world > 1:
         model = convert_sync_batchnorm(model, torch.device("cpu"))
     optimizer = build_optimizer(model, cfg.optim, cfg.train.batch_size)
@@ -209,10 +211,9 @@ def _rank_step(rank: int, world: int, port: int, gather: bool, sync_bn: bool, re
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        cfg, model, optimizer, scheduler, views = _tiny_setup(sync_bn, world, batch)
+        cfg, model, optimizer, scheduler, views = _tiny_setup(sync_bn, world, batch, gather)
         info = DistInfo(rank, world, rank)
         step = make_step(cfg, model, optimizer, scheduler, torch.device("cpu"), info)
-        step.criterion = build_loss(cfg.loss, gather_distributed=gather)
         share = batch // world
         local = (views[0][rank * share:(rank + 1) * share], views[1][rank * share:(rank + 1) * share])
         loss = train_step(step, local).item()

@@ -32,7 +32,7 @@ from linear_probe.logreg import evaluate_logreg
 from linear_probe.splits import LabelBudget, sample_label_subset
 from ssl_pretrain.checkpoint import CheckpointError
 from ssl_pretrain.data import open_source
-from ssl_pretrain.transforms import build_eval_transform
+from ssl_pretrain.augment.transforms import build_eval_transform
 
 TRANSFORM = build_eval_transform(16, DIGITS_MEAN, DIGITS_STD)
 

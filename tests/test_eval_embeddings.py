@@ -13,10 +13,10 @@ import linear_probe.embeddings as embeddings_module
 from linear_probe.embeddings import (Embeddings, cached_embeddings, extract_embeddings, fingerprint_module,
                                      fingerprint_source, load_embeddings, save_embeddings)
 from linear_probe.errors import EvaluationError
-from ssl_pretrain.backbones import build_backbone
+from ssl_pretrain.models.backbones import build_backbone
 from ssl_pretrain.checkpoint import load_backbone
 from ssl_pretrain.data import open_source
-from ssl_pretrain.transforms import build_eval_transform
+from ssl_pretrain.augment.transforms import build_eval_transform
 
 from test_eval_fixtures import DIGITS_MEAN, DIGITS_STD, digits_folders, random_checkpoint, write_digits_folder  # noqa: F401
 
@@ -127,7 +127,7 @@ def test_batched_eval_transform_equals_the_per_image_transform():
     from PIL import Image
 
     from ssl_pretrain.data import digits_source
-    from ssl_pretrain.transforms import build_eval_transform
+    from ssl_pretrain.augment.transforms import build_eval_transform
 
     transform = build_eval_transform(16, (0.4, 0.45, 0.5), (0.2, 0.25, 0.3))
     source = digits_source("train")

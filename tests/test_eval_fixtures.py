@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ssl_pretrain.backbones import build_backbone
+from ssl_pretrain.models.backbones import build_backbone
 from ssl_pretrain.checkpoint import BackboneInfo, export_backbone
 from ssl_pretrain.data import digits_source
 

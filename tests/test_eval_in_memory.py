@@ -7,7 +7,7 @@ import torch
 
 from linear_probe.images import augmented_batches, load_pixels
 from ssl_pretrain.data import SubsetSource, digits_source
-from ssl_pretrain.transforms import build_eval_transform
+from ssl_pretrain.augment.transforms import build_eval_transform
 
 MEAN, STD = (0.25, 0.25, 0.25), (0.35, 0.35, 0.35)
 

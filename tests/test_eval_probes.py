@@ -12,7 +12,7 @@ from linear_probe.linear import evaluate_linear, evaluate_linear_augmented
 from linear_probe.logreg import DEFAULT_C_GRID, evaluate_logreg
 from ssl_pretrain.data import SubsetSource
 from linear_probe.training import train_with_early_stopping
-from ssl_pretrain.backbones import build_backbone
+from ssl_pretrain.models.backbones import build_backbone
 from ssl_pretrain.data import digits_source
 
 from test_eval_fixtures import DIGITS_MEAN, DIGITS_STD

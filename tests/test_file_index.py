@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ssl_pretrain import data, file_index
+from ssl_pretrain.data import file_index, sources
 from ssl_pretrain.data import image_folder_source, open_source, scan_images
 
 
@@ -57,8 +57,8 @@ def _forbid_walking(monkeypatch) -> list[str]:
         raise AssertionError("the folder tree was walked although the index is valid")
     listed: list[str] = []
     real_scandir = os.scandir
-    monkeypatch.setattr(data, "walk_tree", refuse)
-    monkeypatch.setattr(data, "walk_class_folders", refuse)
+    monkeypatch.setattr(sources, "walk_tree", refuse)
+    monkeypatch.setattr(sources, "walk_class_folders", refuse)
     monkeypatch.setattr(os, "scandir", lambda path=".": listed.append(os.fspath(path)) or real_scandir(path))
     return listed
 
@@ -116,8 +116,8 @@ def test_a_folder_changed_during_the_scan_is_not_trusted(tmp_path, monkeypatch):
     index = tmp_path / "file_index.txt"
     open_source(str(tmp_path / "fresh"), index_cache=index)
     calls = []
-    real_walk = data.walk_tree
-    monkeypatch.setattr(data, "walk_tree", lambda *args: calls.append(args) or real_walk(*args))
+    real_walk = sources.walk_tree
+    monkeypatch.setattr(sources, "walk_tree", lambda *args: calls.append(args) or real_walk(*args))
     assert len(open_source(str(tmp_path / "fresh"), index_cache=index)) == 1
     assert calls, "a folder modified a moment before the scan must be rescanned"
 
@@ -139,7 +139,7 @@ def test_a_corrupt_or_foreign_index_is_rebuilt_with_a_warning(tree, tmp_path, ca
         other = _make_tree(tmp_path / "other")
         open_source(str(other), index_cache=index)
     expected = scan_images(tree)
-    with caplog.at_level(logging.INFO, logger="ssl_pretrain.file_index"):
+    with caplog.at_level(logging.INFO, logger="ssl_pretrain.data.file_index"):
         assert open_source(str(tree), index_cache=index).paths == expected
     if damage != "other root":
         assert "ignoring corrupt index" in caplog.text

@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from ssl_pretrain import hardware
+from ssl_pretrain.engine import hardware
 from ssl_pretrain.config import load_config
-from ssl_pretrain.optim import BudgetClock
+from ssl_pretrain.engine.optim import BudgetClock
 from ssl_pretrain.train import FEW_EPOCHS, RunState, Step, forecast_budget, make_step, warn_large_backbone_on_cpu
 
 from conftest import tiny_config
@@ -57,11 +57,11 @@ def test_auto_is_fp32_without_bf16_instructions_and_forcing_bf16_warns(avx2_cpu,
 
 
 def test_the_training_step_follows_the_hardware_answer(bf16_cpu, monkeypatch):
-    from ssl_pretrain.model import build_model
-    from ssl_pretrain.optim import build_optimizer, build_scheduler
+    from ssl_pretrain.methods import build_model
+    from ssl_pretrain.engine.optim import build_optimizer, build_scheduler
 
     cfg = tiny_config("train.precision=auto")
-    model = build_model(cfg.model, True)
+    model = build_model(cfg)
     optimizer = build_optimizer(model, cfg.optim, cfg.train.batch_size)
     step = make_step(cfg, model, optimizer, build_scheduler(optimizer, cfg.optim, 10, 1), CPU)
     with step.autocast():
@@ -106,18 +106,18 @@ def test_without_amx_a_probe_decides_once_and_the_answer_is_cached(avx512_bf16_c
     assert hardware.resolve_precision("auto", CPU, probe({"fp32": 500.0, "bf16": 900.0}), "net C") is True
 
 
-def test_the_probe_times_the_run_network_and_leaves_it_untouched(avx512_bf16_cpu):
-    from ssl_pretrain.model import build_model
-    from ssl_pretrain.optim import build_optimizer, build_scheduler
+def test_the_probe_times_the_run_network_and_leaves_the_run_untouched(avx512_bf16_cpu):
+    from ssl_pretrain.methods import build_model
+    from ssl_pretrain.engine.optim import build_optimizer, build_scheduler
     from ssl_pretrain.train import probe_precisions
 
     cfg = tiny_config("train.precision=auto")
-    model = build_model(cfg.model, True)
+    model = build_model(cfg)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     torch.manual_seed(3)
     expected_next = torch.rand(3)
     torch.manual_seed(3)
-    rates = probe_precisions(cfg, model, CPU, channels_last=True)
+    rates = probe_precisions(cfg, CPU, channels_last=True)
     assert set(rates) == {"fp32", "bf16"} and all(rate > 0 for rate in rates.values())
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())  # BN stats too
     assert torch.equal(torch.rand(3), expected_next)  # the run's random stream is not consumed
@@ -134,7 +134,7 @@ def test_no_preset_hard_codes_bf16():
 
 def _budget_step(cfg, minutes_used: float) -> Step:
     clock = BudgetClock(cfg.train.time_budget_minutes * 60, used=minutes_used * 60)
-    return Step(None, None, None, None, CPU, None, False, None, clock=clock)
+    return Step(None, None, None, CPU, None, False, None, clock=clock)
 
 
 def test_a_budget_that_gives_few_epochs_warns_with_causes(avx2_cpu, caplog):
@@ -216,7 +216,7 @@ def test_without_amx_the_preset_network_is_probed_once_to_pick_the_variant(avx51
 
     timed = []
     monkeypatch.setattr(train, "probe_precisions",
-                        lambda cfg, model, device, channels_last: timed.append(cfg.model.backbone) or
+                        lambda cfg, device, channels_last: timed.append(cfg.model.backbone) or
                         {"fp32": 800.0, "bf16": 2000.0})
     preset = CONFIGS / "cifar10_cpu.yaml"
     cfg = load_config(preset)

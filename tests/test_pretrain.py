@@ -10,7 +10,7 @@ from ssl_pretrain import train as train_module
 from ssl_pretrain.checkpoint import load_backbone, load_checkpoint
 from ssl_pretrain.config import ConfigError
 from ssl_pretrain.data import DataError
-from ssl_pretrain.run_folder import RunFolder, RunFolderError
+from ssl_pretrain.engine.run_folder import RunFolder, RunFolderError
 from ssl_pretrain.train import DivergenceError, pretrain
 
 from conftest import kill_after_checkpoint, tiny_config

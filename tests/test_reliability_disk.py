@@ -16,10 +16,10 @@ import pytest
 import torch
 import yaml
 
-from ssl_pretrain.backbones import build_backbone
+from ssl_pretrain.models.backbones import build_backbone
 from ssl_pretrain.checkpoint import BackboneInfo, CheckpointError, export_backbone, load_checkpoint, save_checkpoint
 from ssl_pretrain.cli import main as pretrain_main
-from ssl_pretrain.run_folder import RunFolder, RunFolderError
+from ssl_pretrain.engine.run_folder import RunFolder, RunFolderError
 
 MEGABYTE = 1 << 20
 
@@ -99,8 +99,8 @@ def test_metrics_and_config_into_a_full_filesystem(mount_tmpfs):
 def test_a_run_whose_disk_fills_up_stops_cleanly_and_resumes_elsewhere(mount_tmpfs, tmp_path, capsys):
     argv = ["--data", "builtin:digits:train", "--epochs", "2", "--batch-size", "64", "--seed", "0", "--device", "cpu",
             "--no-progress", "--set", "data.max_images=256", "--set", "model.backbone=smallconv",
-            "--set", "augment.input_size=16", "--set", "data.num_workers=0", "--set", "model.proj_hidden_dim=128",
-            "--set", "model.proj_output_dim=32", "--set", "train.threads=1"]
+            "--set", "augment.input_size=16", "--set", "data.num_workers=0", "--set", "simclr.hidden_dim=128",
+            "--set", "simclr.output_dim=32", "--set", "train.threads=1"]
     # A disk where the first checkpoint fits, but not a second one beside it (written, then renamed).
     probe = tmp_path / "probe"
     assert pretrain_main(argv + ["--out", str(probe), "--epochs", "1"]) == 0

@@ -36,7 +36,9 @@ def _all_finite(tensors) -> bool:
 
 
 def test_a_huge_learning_rate_diverges_without_clipping_and_trains_with_it(tmp_path):
-    with pytest.raises(DivergenceError, match=r"loss became nan at epoch 1.*set optim.grad_clip"):
+    # Which blows up first depends on the CPU's kernels: the loss (Xeon, AVX-512) or BatchNorm's
+    # running variance (AMD EPYC, AVX2); either way the run stops in the first epoch.
+    with pytest.raises(DivergenceError, match=r"loss became nan at epoch 1.*set optim.grad_clip|became non-finite in epoch 1"):
         pretrain(tiny_config(*HUGE_LR), tmp_path / "unclipped", progress=False)
     run = tmp_path / "clipped"
     pretrain(tiny_config(*HUGE_LR, "optim.grad_clip=0.01"), run, progress=False)

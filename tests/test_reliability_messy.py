@@ -25,7 +25,7 @@ from badinput import make_messy_folder, privilege_drop_prefix, restore_permissio
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "model.backbone=smallconv", "--set", "augment.input_size=16", "--set", "augment.min_scale=0.25",
-        "--set", "model.proj_hidden_dim=64", "--set", "model.proj_output_dim=32", "--set", "data.num_workers=0",
+        "--set", "simclr.hidden_dim=64", "--set", "simclr.output_dim=32", "--set", "data.num_workers=0",
         "--set", "optim.warmup_epochs=0", "--set", "train.threads=1", "--seed", "0", "--device", "cpu", "--no-progress"]
 
 

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, STEPS_PER_EPOCH = 3, 4  # 256 digits in batches of 64
 TINY = ["data.max_images=256", "augment.input_size=16", "augment.min_scale=0.25", "model.backbone=smallconv",
-        "model.proj_hidden_dim=128", "model.proj_output_dim=32", "loss.temperature=0.2", "optim.lr=0.5",
+        "simclr.hidden_dim=128", "simclr.output_dim=32", "simclr.temperature=0.2", "optim.lr=0.5",
         "optim.warmup_epochs=0", "train.log_every_steps=1", "data.num_workers=0", "train.threads=1"]
 
 

@@ -17,7 +17,7 @@ import torch
 
 from ssl_pretrain import train as train_module
 from ssl_pretrain.checkpoint import load_checkpoint
-from ssl_pretrain.run_folder import RunFolder
+from ssl_pretrain.engine.run_folder import RunFolder
 from ssl_pretrain.train import pretrain
 
 from conftest import tiny_config

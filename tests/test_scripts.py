@@ -15,7 +15,7 @@ def _load(name):
 
 
 TINY = ["--set", "model.backbone=smallconv", "--set", "augment.input_size=16", "--set", "augment.min_scale=0.25",
-        "--set", "model.proj_hidden_dim=64", "--set", "train.batch_size=128", "--set", "data.max_images=512"]
+        "--set", "simclr.hidden_dim=64", "--set", "train.batch_size=128", "--set", "data.max_images=512"]
 
 
 def test_gpu_benchmark_script_at_a_tiny_size_on_cpu(tmp_path, capsys):

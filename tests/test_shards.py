@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ssl_pretrain import shards as shards_module
+from ssl_pretrain.data import shards as shards_module
 from ssl_pretrain.data import (
     DataError,
     UnreadableImage,
@@ -27,7 +27,7 @@ from ssl_pretrain.data import (
     open_source,
     random_subset,
 )
-from ssl_pretrain.shards import TarShardSource, expand_braces, find_shards
+from ssl_pretrain.data.shards import TarShardSource, expand_braces, find_shards
 
 
 @functools.cache

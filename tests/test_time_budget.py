@@ -12,10 +12,10 @@ import types
 import pytest
 import torch
 
-from ssl_pretrain import optim as optim_module
+from ssl_pretrain.engine import optim as optim_module
 from ssl_pretrain.checkpoint import load_checkpoint
 from ssl_pretrain.config import ConfigError
-from ssl_pretrain.optim import BudgetClock, budget_cosine
+from ssl_pretrain.engine.optim import BudgetClock, budget_cosine
 from ssl_pretrain.train import pretrain
 
 from conftest import kill_after_checkpoint, tiny_config

@@ -7,13 +7,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ssl_pretrain.backbones import BACKBONES, build_backbone, resolve_small_stem
+from ssl_pretrain.models.backbones import BACKBONES, build_backbone, resolve_small_stem
 from ssl_pretrain.config import load_config
 from ssl_pretrain.data import digits_source
-from ssl_pretrain.dataset import EpochBatchSampler, TwoViewDataset, collate_views, epoch_batches
-from ssl_pretrain.model import build_model
-from ssl_pretrain.optim import build_optimizer, build_scheduler, parameter_groups, scaled_lr, warmup_cosine
-from ssl_pretrain.transforms import build_view_transform
+from ssl_pretrain.data.dataset import EpochBatchSampler, TwoViewDataset, collate_views, epoch_batches
+from ssl_pretrain.methods import build_model
+from ssl_pretrain.engine.optim import build_optimizer, build_scheduler, parameter_groups, scaled_lr, warmup_cosine
+from ssl_pretrain.augment.transforms import build_view_transform
 
 from conftest import tiny_config
 
@@ -78,7 +78,7 @@ def test_small_stem_keeps_resolution_and_default_follows_input_size():
 
 
 def test_no_weight_decay_on_norm_layers_and_biases():
-    model = build_model(load_config(None, ["model.backbone=smallconv"]).model, small_stem=True)
+    model = build_model(load_config(None, ["model.backbone=smallconv"]))
     decay, no_decay = parameter_groups(model, 5e-4)
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
     assert no_decay["weight_decay"] == 0.0
@@ -104,7 +104,7 @@ def test_lr_scales_with_batch_and_follows_warmup_then_cosine():
 
 
 def test_batched_views_differ_are_seeded_and_normalised():
-    from ssl_pretrain.batch_transforms import batch_views, build_batch_augment
+    from ssl_pretrain.augment.batch_transforms import batch_views, build_batch_augment
 
     augment = build_batch_augment(tiny_config().augment)
     images = torch.from_numpy(digits_source("train").images[:64]).unsqueeze(-1).expand(-1, -1, -1, 3).contiguous()
@@ -120,7 +120,7 @@ def test_batch_colour_jitter_is_torchvision_per_image():
     """Reference: torchvision's functional colour ops, image by image, same factors and order."""
     import torchvision.transforms.functional as TF
 
-    from ssl_pretrain.batch_transforms import BatchColorJitter
+    from ssl_pretrain.augment.batch_transforms import BatchColorJitter
 
     torch.manual_seed(0)
     jitter = BatchColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8)
@@ -154,7 +154,7 @@ def test_batch_resized_crop_flip_is_torchvision_resized_crop():
     import torchvision.transforms.functional as TF
     from torchvision.transforms import InterpolationMode
 
-    from ssl_pretrain.batch_transforms import BatchResizedCropFlip
+    from ssl_pretrain.augment.batch_transforms import BatchResizedCropFlip
 
     torch.manual_seed(0)
     crop = BatchResizedCropFlip(16, (0.08, 1.0))

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torchvision
 
-from ssl_pretrain.backbones import build_backbone
+from ssl_pretrain.models.backbones import build_backbone
 from ssl_pretrain.checkpoint import CheckpointError
 from ssl_pretrain.cli import main
-from ssl_pretrain.warm_start import load_init_weights, read_state_dict
+from ssl_pretrain.models.warm_start import load_init_weights, read_state_dict
 from test_eval_fixtures import digits_folders, export_random_backbone  # noqa: F401 - a fixture
 
 
@@ -85,7 +85,7 @@ def test_ssl_pretrain_init_from_one_of_our_runs_and_a_bad_one(tmp_path, caplog, 
     source = export_random_backbone(tmp_path / "source")
     common = ["--data", "builtin:digits:train", "--epochs", "1", "--batch-size", "64", "--no-progress",
               "--set", "augment.input_size=16", "--set", "model.backbone=smallconv", "--set", "model.small_stem=true",
-              "--set", "model.proj_hidden_dim=64", "--set", "data.max_images=128", "--set", "train.precision=fp32"]
+              "--set", "simclr.hidden_dim=64", "--set", "data.max_images=128", "--set", "train.precision=fp32"]
     with caplog.at_level(logging.INFO, logger="ssl_pretrain"):
         assert main(common + ["--out", str(tmp_path / "warm"), "--init", str(source)]) == 0
     assert "initialised from" in caplog.text and "tensors loaded" in caplog.text and "left random" not in caplog.text

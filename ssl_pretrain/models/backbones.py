@@ -1,7 +1,7 @@
 """Backbones by name: a registry mapping a name to a builder (timm-style).
 
 A backbone maps images ``(B, 3, H, W)`` to features ``(B, feature_dim)``; the projection head is
-kept apart (see ``ssl_pretrain.model``), so the exported backbone is usable on its own.
+kept apart (see ``ssl_pretrain.methods.simclr``), so the exported backbone is usable on its own.
 """
 
 from __future__ import annotations

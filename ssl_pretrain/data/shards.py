@@ -30,14 +30,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ssl_pretrain.data import (
+from ssl_pretrain.data.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     DataError,
     UnreadableImage,
     decode_image_bytes,
 )
-from ssl_pretrain.file_index import (
+from ssl_pretrain.data.file_index import (
     INDEX_VERSION,
     RACY_MARGIN_NS,
     quote_name,

@@ -1,4 +1,9 @@
-"""Online kNN monitor: how good the backbone's features are, every few epochs, during training."""
+"""Online kNN monitor: how good the backbone's features are, every few epochs, during training.
+
+It lives with the evaluation it reuses (extraction, faiss kNN); the ``ssl-pretrain`` command hands
+it to ``ssl_pretrain.train.pretrain(..., monitor=KnnMonitor(cfg))``, so pretraining itself never
+imports evaluation code.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,11 @@ import logging
 
 import torch
 
+from linear_probe.embeddings import extract_embeddings
+from linear_probe.knn import knn_classify, topk_accuracy
 from ssl_pretrain.config import Config
 from ssl_pretrain.data import open_source
-from ssl_pretrain.transforms import build_eval_transform
+from ssl_pretrain.augment.transforms import build_eval_transform
 
 log = logging.getLogger("ssl_pretrain")
 
@@ -20,21 +27,20 @@ class KnnMonitor:
     which selects hyper-parameters on validation data and scores the test set once.
     """
 
-    def __init__(self, cfg: Config, device: torch.device):
+    def __init__(self, cfg: Config):
         self.memory = open_source(cfg.monitor.train, labelled=True)
         self.queries = open_source(cfg.monitor.val, labelled=True)
         self.transform = build_eval_transform(cfg.augment.input_size, cfg.augment.mean, cfg.augment.std)
         self.k, self.temperature = cfg.monitor.k, cfg.monitor.temperature
-        self.batch_size, self.device = max(cfg.train.batch_size, 256), device
+        self.batch_size = max(cfg.train.batch_size, 256)
 
     def __call__(self, backbone: torch.nn.Module) -> float:
-        from linear_probe.embeddings import extract_embeddings
-        from linear_probe.knn import knn_classify, topk_accuracy
-
+        """kNN top-1 of ``backbone``'s features, computed on the device the backbone is on."""
+        device = next(backbone.parameters()).device
         was_training = backbone.training
-        memory = extract_embeddings(backbone, self.memory, self.transform, self.batch_size, self.device,
+        memory = extract_embeddings(backbone, self.memory, self.transform, self.batch_size, device,
                                     progress=False)
-        queries = extract_embeddings(backbone, self.queries, self.transform, self.batch_size, self.device,
+        queries = extract_embeddings(backbone, self.queries, self.transform, self.batch_size, device,
                                      progress=False)
         backbone.train(was_training)
         num_classes = int(max(memory.labels.max(), queries.labels.max())) + 1

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ssl_pretrain.data import ImageSource, UnreadableImage
+from ssl_pretrain.data.images import ImageSource, UnreadableImage
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -138,7 +138,7 @@ class TensorBatches:
         return len(self.sampler)
 
     def __iter__(self):
-        from ssl_pretrain.batch_transforms import batch_views
+        from ssl_pretrain.augment.batch_transforms import batch_views
 
         for offset, keys in enumerate(self.sampler):
             step = self.sampler.start_step + offset

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ssl_pretrain.backbones import build_backbone
+from ssl_pretrain.models.backbones import build_backbone
 from ssl_pretrain.checkpoint import BackboneInfo, CheckpointError, load_backbone
 from ssl_pretrain.config import IMAGENET_MEAN, IMAGENET_STD
 

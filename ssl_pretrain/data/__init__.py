@@ -1,0 +1,42 @@
+"""Images in: sources on disk or in memory (``sources``), tar shards (``shards``), the cached file
+index of large folders (``file_index``), the decoding of one file (``images``) and the batches of
+view pairs the training loop reads (``dataset``).
+
+The names most callers need are importable from here: ``from ssl_pretrain.data import open_source``.
+"""
+
+from ssl_pretrain.data.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    DataError,
+    ImageSource,
+    UnreadableImage,
+    decode_image_bytes,
+    load_image,
+    to_rgb,
+)
+from ssl_pretrain.data.sources import (
+    ArraySource,
+    DecodedSource,
+    FileSource,
+    SubsetSource,
+    check_readable,
+    common_small_size,
+    decode_all,
+    decode_workers,
+    digits_source,
+    image_folder_source,
+    labelled_list_source,
+    open_source,
+    random_subset,
+    read_labelled_list,
+    read_path_list,
+    scan_images,
+)
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "ArraySource", "DataError", "DecodedSource", "FileSource",
+    "ImageSource", "SubsetSource", "UnreadableImage", "check_readable", "common_small_size", "decode_all",
+    "decode_image_bytes", "decode_workers", "digits_source", "image_folder_source", "labelled_list_source",
+    "load_image", "open_source", "random_subset", "read_labelled_list", "read_path_list", "scan_images", "to_rgb",
+]

@@ -1,0 +1,85 @@
+"""What every method shares: its settings section, the student backbone it trains and exports, and
+the momentum (teacher) utilities the self-distillation methods use.
+
+A method is an ``nn.Module`` built from a backbone: ``forward(views) -> loss`` on a list of view
+batches (two for most methods; DINO adds small local crops), and ``after_step(progress)``, called
+after every optimiser step with the fraction of training done (0 -> 1), for momentum updates and
+schedules. Everything a method must carry over a resume (momentum encoder, queue, centre) is a
+parameter or buffer, so it travels in the checkpoint's ``model`` state.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable
+
+import torch
+from lightly.models.utils import deactivate_requires_grad, update_momentum
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+
+class MethodSettings(BaseModel):
+    """A method's config section (``--set byol.momentum=0.996``); unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Method(nn.Module):
+    """Base of the methods: ``backbone`` (the student, what is exported) and ``feature_dim``."""
+
+    global_views = 2
+    """Views of every image the method's transform must produce at full size."""
+    local_views = 0
+    """Small crops on top (multi-crop); only methods that use them set this."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int):
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+
+    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
+        """Shape: ``views[i]`` ``(B, 3, H, W)`` -> the scalar loss of the batch."""
+        raise NotImplementedError
+
+    def after_step(self, progress: float) -> None:
+        """Called after each optimiser step; ``progress`` in [0, 1] is the fraction of training done."""
+
+
+def per_view(network: Callable[[torch.Tensor], torch.Tensor], views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``network`` applied to each view, the views of one size in one pass: BatchNorm sees the
+    whole 2B batch, as in SimCLR, and one large batch runs faster than two small ones.
+
+    Shape: ``views[i]`` ``(B, 3, H_i, W_i)`` -> one ``(B, D)`` output per view.
+    """
+    outputs: list[torch.Tensor] = []
+    start = 0
+    while start < len(views):
+        end = start + 1
+        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+            end += 1
+        outputs.extend(network(torch.cat(views[start:end])).chunk(end - start))
+        start = end
+    return outputs
+
+
+def momentum_copy(module: nn.Module) -> nn.Module:
+    """A frozen copy of ``module`` that follows it by exponential moving average (the teacher)."""
+    teacher = copy.deepcopy(module)
+    deactivate_requires_grad(teacher)
+    return teacher
+
+
+def cosine_momentum(base: float, progress: float) -> float:
+    """BYOL's schedule (Grill et al. 2020, Sec. 3.2): ``1 - (1 - base) (cos(pi p) + 1) / 2``,
+    from ``base`` at the start to 1 at the end of training."""
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * min(max(progress, 0.0), 1.0)) + 1.0) / 2.0
+
+
+@torch.no_grad()
+def follow(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``teacher <- momentum * teacher + (1 - momentum) * student`` on the parameters (lightly's
+    ``update_momentum``, as BYOL, MoCo and DINO do). The teacher runs in training mode, so its
+    BatchNorm normalises with batch statistics; its running statistics are never used."""
+    update_momentum(student, teacher, momentum)

@@ -1,0 +1,85 @@
+"""DINO (Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers"): a student
+matches the softmax output of a momentum teacher on the other views (cross-entropy, Algorithm 1);
+the teacher's outputs are centred (a running mean) and sharpened (a low temperature, warmed up)
+to avoid collapse. lightly's ``DINOProjectionHead`` and ``DINOLoss``."""
+
+from __future__ import annotations
+
+import torch
+from lightly.loss import DINOLoss
+from lightly.models.modules import DINOProjectionHead
+from lightly.models.utils import deactivate_requires_grad
+from pydantic import Field, model_validator
+from torch import nn
+
+from ssl_pretrain.methods.base import Method, MethodSettings, cosine_momentum, follow, momentum_copy, per_view
+
+NAME = "dino"
+SUMMARY = "self-distillation from a momentum teacher, centred and sharpened"
+
+
+class Settings(MethodSettings):
+    hidden_dim: int = Field(2048, ge=1)
+    bottleneck_dim: int = Field(256, ge=1)
+    output_dim: int = Field(4096, ge=1)
+    """Head 2048 -> 256 -> K prototypes: K = 65,536 in the paper (ImageNet), 4,096 in solo-learn's
+    CIFAR setting (and 16x cheaper on a CPU)."""
+    student_temperature: float = Field(0.1, gt=0)
+    teacher_temperature: float = Field(0.07, gt=0)
+    warmup_teacher_temperature: float = Field(0.04, gt=0)
+    teacher_warmup_fraction: float = Field(0.1, ge=0, le=1)
+    """Teacher temperature 0.04 -> 0.07, linearly over the first 10% of training (30 of the paper's
+    300 epochs); student 0.1 (Sec. 3.1, Appendix)."""
+    center_momentum: float = Field(0.9, ge=0, lt=1)
+    momentum: float = Field(0.996, ge=0, le=1)
+    """Teacher momentum at the start, cosine to 1 (paper: 0.996)."""
+
+    @model_validator(mode="after")
+    def _temperatures(self) -> "Settings":
+        if self.warmup_teacher_temperature > self.teacher_temperature:
+            raise ValueError("warmup_teacher_temperature must not exceed teacher_temperature")
+        return self
+
+
+class DINO(Method):
+    def __init__(self, backbone: nn.Module, feature_dim: int, settings: Settings, gather_distributed: bool = False):
+        super().__init__(backbone, feature_dim)
+        head = lambda: DINOProjectionHead(feature_dim, settings.hidden_dim, settings.bottleneck_dim,  # noqa: E731
+                                          settings.output_dim)
+        self.projection_head = head()
+        self.teacher_backbone = momentum_copy(backbone)
+        # the head's weight-normalised last layer cannot be deep-copied: a second one takes its weights
+        self.teacher_projection_head = head()
+        self.teacher_projection_head.load_state_dict(self.projection_head.state_dict())
+        deactivate_requires_grad(self.teacher_projection_head)
+        self.settings = settings
+        # the centre is all-reduced over ranks by lightly when distributed; it is a buffer, so it
+        # travels in the checkpoint
+        self.criterion = DINOLoss(output_dim=settings.output_dim, student_temp=settings.student_temperature,
+                                  teacher_temp=settings.teacher_temperature,
+                                  warmup_teacher_temp=settings.warmup_teacher_temperature,
+                                  center_momentum=settings.center_momentum)
+        self.register_buffer("progress", torch.zeros(()))  # for the teacher temperature; resumed with the run
+
+    def teacher_temperature(self) -> float:
+        s = self.settings
+        if s.teacher_warmup_fraction == 0 or float(self.progress) >= s.teacher_warmup_fraction:
+            return s.teacher_temperature
+        ramp = float(self.progress) / s.teacher_warmup_fraction
+        return s.warmup_teacher_temperature + ramp * (s.teacher_temperature - s.warmup_teacher_temperature)
+
+    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        student = per_view(lambda images: self.projection_head(self.backbone(images)), views)
+        with torch.no_grad():  # only the 2 global views pass through the teacher
+            teacher = per_view(lambda images: self.teacher_projection_head(self.teacher_backbone(images)), views[:2])
+        return self.criterion([t.float() for t in teacher], [s.float() for s in student],
+                              teacher_temp=self.teacher_temperature())
+
+    def after_step(self, progress: float) -> None:
+        self.progress.fill_(progress)
+        momentum = cosine_momentum(self.settings.momentum, progress)
+        follow(self.teacher_backbone, self.backbone, momentum)
+        follow(self.teacher_projection_head, self.projection_head, momentum)
+
+
+build = DINO

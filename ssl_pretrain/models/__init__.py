@@ -1,0 +1,1 @@
+"""Backbones by name (``backbones``) and the weights a run may start from (``warm_start``)."""
