@@ -50,7 +50,8 @@ def split_training_folder(train: str, out: Path, val_fraction: float, seed: int)
     source = open_source(train, labelled=True)
     train_rows, val_rows = stratified_split(source.labels, val_fraction, seed)
     paths = out / "pretrain_paths.txt"
-    paths.write_text("".join(f"{source.name(int(row))}\n" for row in train_rows))
+    root = Path(train).resolve()
+    paths.write_text("".join(f"{root / source.name(int(row))}\n" for row in train_rows))  # names are relative
     return paths, SubsetSource(source, train_rows), SubsetSource(source, val_rows)
 
 

@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+
+import pytest
 from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -100,3 +102,16 @@ def test_pixels_benchmark_script_has_a_row_per_size(tmp_path, capsys):
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith(("| 8 px", "| 4 px"))]
     assert [row[1] for row in rows] == ["192", "48"]  # 3 x 8 x 8, 3 x 4 x 4 values
     assert all(float(row[2].rstrip("%")) > 50 for row in rows)  # real digits: far above the 10% of chance
+
+
+@pytest.mark.slow
+def test_methods_benchmark_script_runs_each_method_and_compares_to_the_first(tmp_path, digits_folder, capsys):
+    out = tmp_path / "methods"
+    assert _load("bench_methods").main(["--train", str(digits_folder), "--test", str(digits_folder),
+                                        "--methods", "simclr,byol", "--budget", "0.05", "--out", str(out),
+                                        "--set", "train.batch_size=32", "--set", "augment.input_size=16"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert list(rows) == ["simclr", "byol"] and all(0 < row["knn_test"] <= 1 for row in rows.values())
+    table = capsys.readouterr().out
+    assert "| simclr |" in table and "| byol |" in table and "| 1.000 |" in table
+    assert len((out / "pretrain_paths.txt").read_text().splitlines()) == 180  # 10% held out for validation
