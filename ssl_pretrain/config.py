@@ -244,8 +244,10 @@ def _allowed_keys(loc: tuple) -> list[str]:
 def _format_validation_error(error: ValidationError, origin: str) -> str:
     first = error.errors()[0]
     key = ".".join(str(part) for part in first["loc"])
-    if key in MOVED_KEYS:
-        return f"{origin}: config key '{key}' is now '{MOVED_KEYS[key]}'"
+    given = first.get("input") if isinstance(first.get("input"), dict) else {}
+    for moved in [key, *(f"{key}.{sub}" for sub in given)]:  # a removed section reports only its name
+        if moved in MOVED_KEYS:
+            return f"{origin}: config key '{moved}' is now '{MOVED_KEYS[moved]}'"
     if first["type"] == "extra_forbidden":
         allowed = _allowed_keys(first["loc"])
         close = difflib.get_close_matches(str(first["loc"][-1]), allowed, n=1)

@@ -66,7 +66,7 @@ from ssl_pretrain.data.dataset import (
     worker_count,
 )
 from ssl_pretrain.engine.hardware import bf16_native, resolve_precision
-from ssl_pretrain.methods import Method, build_model
+from ssl_pretrain.methods import METHODS, Method, build_model
 from ssl_pretrain.engine.optim import BudgetClock, build_optimizer, build_scheduler, scaled_lr
 from ssl_pretrain.engine.run_folder import RunFolder
 from ssl_pretrain.augment.transforms import build_view_transform
@@ -148,6 +148,11 @@ def check_resume_compatible(saved: dict[str, Any], new: dict[str, Any], prefix: 
             )
 
 
+def method_relevant(config: dict[str, Any]) -> dict[str, Any]:
+    """A config without the sections of the methods it does not train (they may change on resume)."""
+    return {key: value for key, value in config.items() if key not in METHODS or key == config.get("method")}
+
+
 def resolve_pipeline(cfg: Config, source) -> Optional[tuple[int, int]]:
     """The image size for the in-memory tensor pipeline, or None for the PIL pipeline."""
     if cfg.data.pipeline == "pil":
@@ -217,7 +222,7 @@ def restore(run: RunFolder, cfg: Config, model, optimizer, scheduler,
     """Load ``last.pt`` into the model, optimiser, scheduler and budget clock; return where to
     continue."""
     state = load_checkpoint(run.last_checkpoint)
-    check_resume_compatible(state["config"], cfg.to_dict())
+    check_resume_compatible(method_relevant(state["config"]), method_relevant(cfg.to_dict()))
     load_state_dict_strict(model, state["model"], str(run.last_checkpoint))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

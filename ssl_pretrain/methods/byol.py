@@ -1,7 +1,8 @@
 """BYOL (Grill et al. 2020, "Bootstrap Your Own Latent"): an online network (backbone -> projection
 -> prediction) predicts a momentum target network's projection of the other view; no negatives.
-Loss: ``2 - 2 cos(p, z')`` symmetrised over the two views (Eq. 2), here as lightly's negative cosine
-similarity (same gradient). The target follows the online weights with a cosine momentum schedule."""
+Loss: the paper's ``2 - 2 cos(p, z')`` over both directions (Eq. 2) written as lightly's benchmark
+does, the mean of the two directions' negative cosine similarity: the paper's gradient scaled by
+1/4, the scale at which lightly's CIFAR-10 table (91.0% kNN, SGD 0.06 x bs/256) was measured. The target follows the online weights with a cosine momentum schedule."""
 
 from __future__ import annotations
 

@@ -1,13 +1,15 @@
 """MoCo v2 (He et al. 2020, "Momentum Contrast"; Chen et al. 2020, "Improved Baselines with Momentum
 Contrastive Learning"): a query encoder is trained with InfoNCE against the key from a momentum
 encoder of the other view, the negatives drawn from a queue of past keys. Symmetrised over the two
-views, as in MoCo v3 and solo-learn's MoCo v2+. lightly's ``NTXentLoss`` with a memory bank."""
+views, as in the authors' CIFAR-10 demo and solo-learn's MoCo v2+: both directions are scored against
+the same queue of past keys, then this step's keys are enqueued (lightly's ``MemoryBankModule``)."""
 
 from __future__ import annotations
 
 import torch
-from lightly.loss import NTXentLoss
+import torch.nn.functional as F
 from lightly.models.modules import MoCoProjectionHead
+from lightly.models.modules.memory_bank import MemoryBankModule
 from pydantic import Field
 from torch import nn
 
@@ -38,23 +40,36 @@ class MoCo(Method):
         self.key_backbone = momentum_copy(backbone)
         self.key_projection_head = momentum_copy(self.projection_head)
         self.base_momentum = settings.momentum
+        self.temperature = settings.temperature
         # gather_distributed: every rank enqueues the keys of all ranks
-        self.criterion = NTXentLoss(temperature=settings.temperature, gather_distributed=gather_distributed,
-                                    memory_bank_size=(settings.queue_size, settings.output_dim))
+        self.queue = MemoryBankModule((settings.queue_size, settings.output_dim), gather_distributed=gather_distributed,
+                                      feature_dim_first=False)
         # lightly keeps the queue out of the state dict; a resumed run must continue with the same
         # negatives, so the queue and its pointer travel in the checkpoint
-        queue = self.criterion.memory_bank
-        queue.register_buffer("bank", queue.bank, persistent=True)
-        queue.register_buffer("bank_ptr", queue.bank_ptr, persistent=True)
+        self.queue.register_buffer("bank", self.queue.bank, persistent=True)
+        self.queue.register_buffer("bank_ptr", self.queue.bank_ptr, persistent=True)
+
+    def info_nce(self, queries: torch.Tensor, keys: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        """MoCo's Algorithm 1: ``-log exp(q.k+/T) / (exp(q.k+/T) + sum_queue exp(q.k-/T))``, unit vectors.
+
+        Shape: queries, keys ``(B, D)``; negatives ``(K, D)``, already unit length.
+        """
+        queries, keys = F.normalize(queries, dim=1), F.normalize(keys, dim=1)
+        positives = (queries * keys).sum(dim=1, keepdim=True)
+        logits = torch.cat([positives, queries @ negatives.T], dim=1) / self.temperature
+        return F.cross_entropy(logits, torch.zeros(len(queries), dtype=torch.long, device=queries.device))
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
         queries = per_view(lambda images: self.projection_head(self.backbone(images)), views)
         with torch.no_grad():
             keys = per_view(lambda images: self.key_projection_head(self.key_backbone(images)), views)
         queries = [q.float() for q in queries]
-        keys = [k.float() for k in keys]
-        # each call scores against the queue, then enqueues the keys it was given
-        return 0.5 * (self.criterion(queries[0], keys[1]) + self.criterion(queries[1], keys[0]))
+        keys = [F.normalize(k.float(), dim=1) for k in keys]
+        # both directions against the queue of earlier batches' keys; then this step's keys join it
+        _, negatives = self.queue(keys[1], update=False)
+        loss = 0.5 * (self.info_nce(queries[0], keys[1], negatives) + self.info_nce(queries[1], keys[0], negatives))
+        self.queue(torch.cat([keys[1], keys[0]]), update=True)
+        return loss
 
     def after_step(self, progress: float) -> None:
         momentum = cosine_momentum(self.base_momentum, progress)
