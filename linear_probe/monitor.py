@@ -7,8 +7,6 @@ imports evaluation code.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from linear_probe.embeddings import extract_embeddings
@@ -16,8 +14,6 @@ from linear_probe.knn import knn_classify, topk_accuracy
 from ssl_pretrain.config import Config
 from ssl_pretrain.data import open_source
 from ssl_pretrain.augment.transforms import build_eval_transform
-
-log = logging.getLogger("ssl_pretrain")
 
 
 class KnnMonitor:
