@@ -139,8 +139,9 @@ def main(argv=None) -> int:
 
 
 def time_augmentation(args) -> int:
-    """Milliseconds per batch of ``batch_views`` (crop, flip, jitter, grey, normalise; two views)."""
-    from ssl_pretrain.augment.batch_transforms import batch_views, build_batch_augment
+    """Milliseconds per batch of ``batch_views`` (crop, flip, jitter, grey, normalise; two views);
+    for grey images also with the colour steps that cannot change them skipped, as training does."""
+    from ssl_pretrain.augment.batch_transforms import batch_views, build_batch_augment, is_grey
     from ssl_pretrain.data import common_small_size, decode_all
 
     cfg = load_config(args.config, [f"data.source={args.data}", *args.overrides])
@@ -149,17 +150,20 @@ def time_augmentation(args) -> int:
     if size is None:
         raise SystemExit("--augment-only needs small images of one size (the tensor pipeline's case)")
     images = torch.from_numpy(decode_all(source, size, progress=False)[0])
-    augment = build_batch_augment(cfg.augment)
-    for seed in range(args.warmup):
-        batch_views(images, augment, seed)
-    started = time.perf_counter()
-    for seed in range(args.steps):
-        batch_views(images, augment, seed)
-    seconds = (time.perf_counter() - started) / args.steps
     print(f"\n{date.today()} | {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__} | `python {' '.join(sys.argv)}`\n")
-    print(f"batched augmentation, two views of {len(images)} images of {size[0]}x{size[1]}: "
-          f"{seconds * 1e3:.2f} ms per batch ({seconds / len(images) * 1e6:.1f} us per image)")
+    variants = {"every step": build_batch_augment(cfg.augment)}
+    if is_grey(images):
+        variants["grey images: colour steps skipped"] = build_batch_augment(cfg.augment, grey=True)
+    for name, augment in variants.items():
+        for seed in range(args.warmup):
+            batch_views(images, augment, seed)
+        started = time.perf_counter()
+        for seed in range(args.steps):
+            batch_views(images, augment, seed)
+        seconds = (time.perf_counter() - started) / args.steps
+        print(f"batched augmentation ({name}), two views of {len(images)} images of {size[0]}x{size[1]}: "
+              f"{seconds * 1e3:.2f} ms per batch ({seconds / len(images) * 1e6:.1f} us per image)")
     return 0
 
 

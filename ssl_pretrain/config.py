@@ -67,6 +67,15 @@ class AugmentConfig(_Section):
     hflip_prob: float = 0.5
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    local_views: int = Field(0, ge=0)
+    """Multi-crop (SwAV, Caron et al. 2020, Sec. 3.2; DINO): this many small crops of every image on
+    top of the two full-size views, for the methods that use them (dino; DINO uses 6-10). The
+    in-memory batch pipeline makes them (images up to 64 px)."""
+    local_size: Optional[int] = None
+    """Side of the local crops; default 3/7 of ``input_size`` (DINO's 96 px of 224), at least 8."""
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    """Area range of the local crops (DINO: 0.05-0.4; it then crops the global views at 0.4-1,
+    ``min_scale: 0.4``)."""
 
     @model_validator(mode="after")
     def _fill_from_recipe(self) -> "AugmentConfig":
@@ -77,6 +86,10 @@ class AugmentConfig(_Section):
         for key, value in recipe.items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
+        if self.local_size is None:
+            object.__setattr__(self, "local_size", max(8, round(self.input_size * 3 / 7)))
+        if not 0 < self.local_scale[0] <= self.local_scale[1] <= 1:
+            raise ValueError(f"local_scale must be 0 < low <= high <= 1, got {self.local_scale}")
         return self
 
 
@@ -198,6 +211,14 @@ class _ConfigBase(_Section):
         if name not in METHODS:
             raise ValueError(f"unknown method; available: {', '.join(METHODS)}")
         return name
+
+    @model_validator(mode="after")
+    def _views_fit_the_method(self) -> "_ConfigBase":
+        if self.augment.local_views and not getattr(METHODS[self.method], "LOCAL_VIEWS", False):
+            takers = [name for name, module in METHODS.items() if getattr(module, "LOCAL_VIEWS", False)]
+            raise ValueError(f"augment.local_views (multi-crop) is used by {', '.join(takers)} only; "
+                             f"method {self.method} trains on two views")
+        return self
 
     @property
     def method_settings(self) -> BaseModel:

@@ -34,7 +34,7 @@ from ssl_pretrain.checkpoint import (
 )
 from ssl_pretrain.config import VARIANT_CONDITIONS, Config, ConfigError
 from ssl_pretrain.models.warm_start import load_init_weights
-from ssl_pretrain.augment.batch_transforms import build_batch_augment
+from ssl_pretrain.augment.batch_transforms import build_batch_augment, is_grey
 from ssl_pretrain.data import (
     DataError,
     check_readable,
@@ -186,12 +186,22 @@ def build_loader(cfg: Config, source, device: torch.device, progress: bool = Tru
             raise DataError(f"only {len(images)} readable images, fewer than one batch of {cfg.train.batch_size}")
         sampler = EpochBatchSampler(len(images), cfg.train.batch_size, cfg.train.seed, dist_info.rank,
                                     dist_info.world_size)
-        augment = build_batch_augment(cfg.augment).to(device)
-        batches = TensorBatches(torch.from_numpy(images).to(device), augment, sampler, cfg.train.seed, skipped)
+        # grey images (scans, X-rays, digits): skip the colour steps that cannot change them
+        grey = is_grey(images)
+        augment = build_batch_augment(cfg.augment, grey=grey).to(device)
+        local_augment = (build_batch_augment(cfg.augment, local=True, grey=grey).to(device)
+                         if cfg.augment.local_views else None)
+        batches = TensorBatches(torch.from_numpy(images).to(device), augment, sampler, cfg.train.seed, skipped,
+                                local_augment, cfg.augment.local_views)
+        local = (f" (+ {cfg.augment.local_views} local views of {cfg.augment.local_size} px)"
+                 if cfg.augment.local_views else "") + ("; grey images: no saturation, hue or grey-scale steps" if grey else "")
         log.info("data: %d images decoded into memory (%dx%d), batch %d%s, %d steps/epoch, "
-                 "augmented in batches on %s", len(images), size[0], size[1], cfg.train.batch_size,
-                 per_rank(sampler), len(sampler), device)
+                 "augmented in batches on %s%s", len(images), size[0], size[1], cfg.train.batch_size,
+                 per_rank(sampler), len(sampler), device, local)
         return batches, sampler
+    if cfg.augment.local_views:
+        raise ConfigError("augment.local_views (multi-crop) needs the in-memory pipeline: images of one size up "
+                          "to 64 px that fit in memory (data.pipeline=tensor)")
     transform = build_view_transform(cfg.augment)
     dataset = TwoViewDataset(source, transform, cfg.train.seed)
     sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, dist_info.rank,
@@ -393,7 +403,7 @@ def run_epoch(cfg: Config, run: RunFolder, step: Step, loader, sampler, state: R
             # Unreadable files can leave the ranks with unequal shares; gathering the negatives
             # needs equal ones, so every rank trains on the smallest share of this step.
             count = min_over_ranks(count, step.dist, step.device)
-            views = None if count == 0 else (views[0][:count], views[1][:count])
+            views = None if count == 0 else tuple(view[:count] for view in views)
         if count < 2:
             continue  # every image of this batch was unreadable
         loss = train_step(step, views).item()

@@ -43,7 +43,9 @@ def test_throughput_script_times_the_augmentation_alone(digits_folder, capsys):
     assert _load("bench_throughput").main(["--data", str(digits_folder), "--config", "configs/demo_digits.yaml",
                                            "--augment-only", "--steps", "2", "--warmup", "1",
                                            "--set", "train.batch_size=32"]) == 0
-    assert "two views of 32 images of 16x16" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "(every step), two views of 32 images of 16x16" in out
+    assert "(grey images: colour steps skipped)" in out  # the digits are grey
 
 
 def test_knn_benchmark_script_agrees_across_methods(capsys):

@@ -116,6 +116,29 @@ def test_batched_views_differ_are_seeded_and_normalised():
     assert -3 < view_a.mean() < 3 and view_a.std() > 0.3
 
 
+def test_grey_images_skip_the_colour_steps_with_the_same_views_and_random_stream():
+    """On grey images saturation, hue and grey-scale change nothing (up to the luma weights'
+    rounding, which sum to 0.9999): skipping them gives the same views and leaves the random
+    stream where the full augmentation leaves it."""
+    from ssl_pretrain.augment.batch_transforms import batch_views, build_batch_augment
+
+    cfg = load_config(None, ["augment.input_size=16"]).augment  # jitter 0.8 and grey-scale 0.2, as for CIFAR
+    images = torch.from_numpy(digits_source("train").images[:64]).unsqueeze(-1).expand(-1, -1, -1, 3).contiguous()
+    full = batch_views(images, build_batch_augment(cfg), seed=5)
+    after_full = torch.rand(4)
+    skipped = batch_views(images, build_batch_augment(cfg, grey=True), seed=5)
+    assert torch.equal(torch.rand(4), after_full)
+    for a, b in zip(full, skipped):
+        torch.testing.assert_close(b, a, rtol=0, atol=2e-3)  # normalised units: 2e-3 x 0.225 < 1/1000 of a grey level
+
+
+def test_pretraining_on_grey_images_says_it_skips_the_colour_steps(tmp_path):
+    from ssl_pretrain.train import pretrain
+
+    pretrain(tiny_config(), tmp_path / "run", progress=False)
+    assert "grey images: no saturation, hue or grey-scale steps" in (tmp_path / "run" / "train.log").read_text()
+
+
 def test_batch_colour_jitter_is_torchvision_per_image():
     """Reference: torchvision's functional colour ops, image by image, same factors and order."""
     import torchvision.transforms.functional as TF

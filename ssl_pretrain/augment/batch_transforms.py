@@ -67,9 +67,11 @@ class BatchColorJitter(nn.Module):
     most of the augmentation's time on a CPU.
     """
 
-    def __init__(self, brightness: float, contrast: float, saturation: float, hue: float, p: float = 1.0):
+    def __init__(self, brightness: float, contrast: float, saturation: float, hue: float, p: float = 1.0,
+                 grey: bool = False):
         super().__init__()
         self.brightness, self.contrast, self.saturation, self.hue, self.p = brightness, contrast, saturation, hue, p
+        self.grey = grey  # grey images: saturation and hue leave them as they are, so those steps are skipped
 
     def draw(self, batch: int, device) -> dict[str, torch.Tensor]:
         """Per-image factors (neutral for images left alone) and the order of the four steps."""
@@ -92,11 +94,11 @@ class BatchColorJitter(nn.Module):
                 mean = _gray(images).mean(dim=(1, 2, 3), keepdim=True)
                 factor = params["contrast"].view(-1, 1, 1, 1)
                 images.mul_(factor).add_((1 - factor) * mean)
-            elif step == 2 and self.saturation > 0:
+            elif step == 2 and self.saturation > 0 and not self.grey:
                 factor = params["saturation"].view(-1, 1, 1, 1)
                 gray = (1 - factor) * _gray(images)  # before images changes in place
                 images.mul_(factor).add_(gray)
-            elif step == 3 and self.hue > 0:
+            elif step == 3 and self.hue > 0 and not self.grey:
                 images = _shift_hue(images, params["hue"])
             images.clamp_(0.0, 1.0)
         return images
@@ -171,14 +173,16 @@ class BatchGrayscale(nn.Module):
     probability ``p``, becomes its luma in all three channels. One ``where`` for the batch (kornia's
     ``RandomGrayscale`` costs more in per-call bookkeeping than the arithmetic)."""
 
-    def __init__(self, p: float):
+    def __init__(self, p: float, grey: bool = False):
         super().__init__()
-        self.p = p
+        self.p, self.grey = p, grey
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.p <= 0:
             return images
         chosen = torch.rand(len(images), device=images.device) < self.p
+        if self.grey:  # already grey: drawn all the same, so the random stream is what it would be
+            return images
         return torch.where(chosen.view(-1, 1, 1, 1), _gray(images).expand_as(images), images)
 
 
@@ -196,24 +200,37 @@ class BatchNormalize(nn.Module):
         return torch.addcmul(self.shift.to(images.dtype), images, self.scale.to(images.dtype))
 
 
-def build_batch_augment(cfg: AugmentConfig) -> nn.Module:
-    """Float images in [0, 1] ``(B, 3, H, W)`` -> one normalised random view ``(B, 3, S, S)``."""
+def is_grey(images) -> bool:
+    """Are all these ``(N, H, W, 3)`` images grey (R = G = B)? Scans, X-rays, digits are."""
+    return bool((images[..., 0] == images[..., 1]).all() and (images[..., 1] == images[..., 2]).all())
+
+
+def build_batch_augment(cfg: AugmentConfig, local: bool = False, grey: bool = False) -> nn.Module:
+    """Float images in [0, 1] ``(B, 3, H, W)`` -> one normalised random view ``(B, 3, S, S)``:
+    a full-size view, or with ``local`` a small multi-crop view (``local_size``, ``local_scale``)
+    with the same colour steps. ``grey``: every image is grey (R = G = B); the saturation, hue and
+    grey-scale steps, which would leave such images as they are (up to rounding), are skipped, with
+    the same random draws."""
     strength = cfg.cj_strength
+    size, scale = (cfg.local_size, cfg.local_scale) if local else (cfg.input_size, (cfg.min_scale, 1.0))
     steps: list[nn.Module] = [
-        BatchResizedCropFlip(cfg.input_size, (cfg.min_scale, 1.0), flip_prob=cfg.hflip_prob),
-        BatchColorJitter(0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength, p=cfg.cj_prob),
-        BatchGrayscale(cfg.gray_prob),
+        BatchResizedCropFlip(size, scale, flip_prob=cfg.hflip_prob),
+        BatchColorJitter(0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength, p=cfg.cj_prob, grey=grey),
+        BatchGrayscale(cfg.gray_prob, grey=grey),
     ]
     if cfg.blur_prob > 0:
         # lightly: kernel about 10% of the image, sigma in (0.1, 2)
-        kernel = 2 * math.floor(0.05 * cfg.input_size) + 1
+        kernel = 2 * math.floor(0.05 * size) + 1
         steps.append(K.RandomGaussianBlur((kernel, kernel), sigma=(0.1, 2.0), p=cfg.blur_prob))
     steps.append(BatchNormalize(cfg.mean, cfg.std))
     return nn.Sequential(*steps)
 
 
-def batch_views(images: torch.Tensor, augment: nn.Module, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two independent views of a uint8 batch ``(B, H, W, 3)``, reproducible from ``seed``.
+def batch_views(images: torch.Tensor, augment: nn.Module, seed: int, local_augment: nn.Module | None = None,
+                local_views: int = 0) -> tuple[torch.Tensor, ...]:
+    """Two independent views of a uint8 batch ``(B, H, W, 3)``, reproducible from ``seed``, then
+    ``local_views`` small crops by ``local_augment`` (multi-crop; drawn after the two, so the two
+    are the same with or without them).
 
     The steps draw from torch's global generator; seeding it per batch makes a resumed run draw
     exactly what the uninterrupted run drew. Both views are augmented in one call on the batch
@@ -227,4 +244,7 @@ def batch_views(images: torch.Tensor, augment: nn.Module, seed: int) -> tuple[to
     if floats.device.type == "cuda":
         torch.cuda.manual_seed(seed)
     views = augment(torch.cat((floats, floats)))
-    return views[: len(images)], views[len(images):]
+    global_views = (views[: len(images)], views[len(images):])
+    if not local_views:
+        return global_views
+    return global_views + tuple(local_augment(torch.cat([floats] * local_views)).chunk(local_views))

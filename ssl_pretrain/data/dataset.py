@@ -122,7 +122,8 @@ def worker_count(setting, num_samples: Optional[int] = None) -> int:
 
 
 class TensorBatches:
-    """Batches of two views cut from images held in memory as one uint8 tensor ``(N, H, W, 3)``.
+    """Batches of two views (and any multi-crop local views) cut from images held in memory as one
+    uint8 tensor ``(N, H, W, 3)``.
 
     Yields the same ``{"views", "skipped"}`` records as the data loader of ``TwoViewDataset``,
     with the views already on the images' device. The batch order comes from the same
@@ -130,9 +131,10 @@ class TensorBatches:
     """
 
     def __init__(self, images: torch.Tensor, augment, sampler: EpochBatchSampler, seed: int,
-                 skipped: Optional[list] = None):
+                 skipped: Optional[list] = None, local_augment=None, local_views: int = 0):
         self.images, self.augment, self.sampler, self.seed = images, augment, sampler, seed
         self.skipped = list(skipped or [])
+        self.local_augment, self.local_views = local_augment, local_views  # multi-crop
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -146,5 +148,5 @@ class TensorBatches:
             seed = sample_seed(self.seed, self.sampler.epoch, -2 - step)
             if self.sampler.rank:  # each rank augments its own slice of the global batch
                 seed = sample_seed(seed, self.sampler.rank, -1)
-            views = batch_views(self.images[indices], self.augment, seed)
+            views = batch_views(self.images[indices], self.augment, seed, self.local_augment, self.local_views)
             yield {"views": views, "skipped": self.skipped if offset == 0 else []}

@@ -15,6 +15,7 @@ from torch import nn
 from ssl_pretrain.methods.base import Method, MethodSettings, cosine_momentum, follow, momentum_copy, per_view
 
 NAME = "dino"
+LOCAL_VIEWS = True  # multi-crop: augment.local_views small crops pass through the student only
 SUMMARY = "self-distillation from a momentum teacher, centred and sharpened"
 
 

@@ -1,0 +1,70 @@
+"""Multi-crop (SwAV/DINO): small local views on top of the two full-size views, for DINO, in the
+in-memory batch pipeline; the global views are the same with or without them, and a run with them
+resumes bit-exactly."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import kill_after_checkpoint
+from ssl_pretrain import cli
+from ssl_pretrain.augment.batch_transforms import batch_views, build_batch_augment
+from ssl_pretrain.config import ConfigError, load_config
+from ssl_pretrain.data import digits_source
+from test_methods import checkpoint_model, pretrain_args
+
+LOCAL = ["--set", "augment.local_views=2"]
+
+
+def digit_batch(count: int = 12) -> torch.Tensor:
+    """Real digits as a uint8 batch ``(B, 16, 16, 3)`` (8x8 upscaled, grey in three channels)."""
+    gray = torch.from_numpy(np.asarray(digits_source("train").images[:count], dtype=np.float32))
+    upscaled = torch.nn.functional.interpolate(gray[:, None], size=16).round().byte()
+    return upscaled[:, 0, :, :, None].expand(-1, -1, -1, 3).contiguous()
+
+
+def test_local_views_come_after_the_two_and_leave_them_unchanged():
+    cfg = load_config(None, ["method=dino", "augment.input_size=16", "augment.local_views=3"]).augment
+    images = digit_batch()
+    two = batch_views(images, build_batch_augment(cfg), seed=7)
+    many = batch_views(images, build_batch_augment(cfg), 7, build_batch_augment(cfg, local=True), 3)
+    assert len(two) == 2 and len(many) == 5
+    assert torch.equal(many[0], two[0]) and torch.equal(many[1], two[1])
+    assert cfg.local_size == 8 and all(view.shape == (12, 3, 8, 8) for view in many[2:])
+    assert not torch.equal(many[2], many[3]) and not torch.equal(many[3], many[4])  # drawn per view
+
+
+def test_local_size_defaults_to_three_sevenths_of_the_input():
+    assert load_config(None, ["method=dino", "augment.local_views=6"]).augment.local_size == 14  # 32 px
+    assert load_config(None, ["augment.recipe=imagenet"]).augment.local_size == 96  # DINO's 96 of 224
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["augment.local_views=2"], r"used by dino only; method simclr trains on two views"),
+    (["method=dino", "augment.local_views=2", "augment.local_scale=[0.5,0.2]"], r"local_scale must be"),
+])
+def test_multi_crop_settings_that_do_not_fit_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(None, overrides)
+    assert "\n" not in str(error.value)
+
+
+def test_multi_crop_on_the_per_image_pipeline_is_refused(tmp_path, capsys):
+    code = cli.main(pretrain_args("dino", tmp_path / "run", *LOCAL, "--set", "data.pipeline=pil"))
+    assert code == 2 and "needs the in-memory pipeline" in capsys.readouterr().err
+
+
+def test_dino_trains_with_local_views_and_resumes_bit_exactly(tmp_path, monkeypatch, caplog):
+    straight = tmp_path / "straight"
+    assert cli.main(pretrain_args("dino", straight, *LOCAL)) == 0
+    assert "+ 2 local views of 8 px" in (straight / "train.log").read_text()
+    killed = tmp_path / "killed"
+    undo = kill_after_checkpoint(monkeypatch, 3)
+    assert cli.main(pretrain_args("dino", killed, *LOCAL)) == 130
+    undo()
+    assert cli.main(pretrain_args("dino", killed, *LOCAL, "--resume")) == 0
+    one, two = checkpoint_model(straight), checkpoint_model(killed)
+    assert one.keys() == two.keys() and all(torch.equal(one[key], two[key]) for key in one)
+    plain = tmp_path / "plain"  # the local views change what is learnt
+    assert cli.main(pretrain_args("dino", plain)) == 0
+    assert not torch.equal(checkpoint_model(plain)["backbone.features.0.weight"], one["backbone.features.0.weight"])
