@@ -182,7 +182,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _tiny_setup(sync_batchnorm: bool, world: int, batch: int = 32, gather: bool = False):
+METHOD_SETTINGS = {
+    "simclr": [],
+    "moco": ["method=moco", "moco.hidden_dim=32", "moco.output_dim=16", "moco.queue_size=128"],
+    "byol": ["method=byol", "byol.hidden_dim=32", "byol.output_dim=16"],
+    "barlowtwins": ["method=barlowtwins", "barlowtwins.hidden_dim=32", "barlowtwins.output_dim=32"],
+    "vicreg": ["method=vicreg", "vicreg.hidden_dim=32", "vicreg.output_dim=32", "optim.lr=0.1"],
+    "dino": ["method=dino", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.output_dim=64"],
+}
+"""Small heads per method for the float64 two-rank equivalence."""
+
+
+def _tiny_setup(sync_batchnorm: bool, world: int, batch: int = 32, gather: bool = False, method: str = "simclr"):
     """A small SimCLR in float64 on one global batch of real digit views (the data path's own).
 
     float64, because real digits make a few BatchNorm channels nearly constant: summing the
@@ -194,7 +205,7 @@ def _tiny_setup(sync_batchnorm: bool, world: int, batch: int = 32, gather: bool 
     cfg = load_config(None, ["model.backbone=smallconv", "simclr.hidden_dim=32", "simclr.output_dim=16",
                              "augment.input_size=16", "augment.min_scale=0.25", "optim.lr=0.5",
                              "optim.warmup_epochs=0", f"train.batch_size={batch}", "simclr.temperature=0.2",
-                             "train.precision=fp32"])
+                             "train.precision=fp32", *METHOD_SETTINGS[method]])
     dataset = TwoViewDataset(random_subset(open_source("builtin:digits:train"), batch),
                              build_view_transform(cfg.augment), seed=0)
     pairs = [dataset[(0, index)] for index in range(batch)]
@@ -208,14 +219,15 @@ def _tiny_setup(sync_batchnorm: bool, world: int, batch: int = 32, gather: bool 
     return cfg, model, optimizer, scheduler, views
 
 
-def _rank_step(rank: int, world: int, port: int, gather: bool, sync_bn: bool, results, batch: int = 32) -> None:
+def _rank_step(rank: int, world: int, port: int, gather: bool, sync_bn: bool, results, batch: int = 32,
+               method: str = "simclr") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        cfg, model, optimizer, scheduler, views = _tiny_setup(sync_bn, world, batch, gather)
+        cfg, model, optimizer, scheduler, views = _tiny_setup(sync_bn, world, batch, gather, method)
         info = DistInfo(rank, world, rank)
-        step = make_step(cfg, model, optimizer, scheduler, torch.device("cpu"), info)
+        step = make_step(cfg, model, optimizer, scheduler, torch.device("cpu"), info, total_steps=10)
         share = batch // world
         local = (views[0][rank * share:(rank + 1) * share], views[1][rank * share:(rank + 1) * share])
         loss = train_step(step, local).item()
@@ -225,10 +237,10 @@ def _rank_step(rank: int, world: int, port: int, gather: bool, sync_bn: bool, re
         dist.destroy_process_group()
 
 
-def _two_rank_result(gather: bool, sync_bn: bool, batch: int = 32):
+def _two_rank_result(gather: bool, sync_bn: bool, batch: int = 32, method: str = "simclr"):
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
-    processes = mp.start_processes(_rank_step, args=(2, _free_port(), gather, sync_bn, results, batch), nprocs=2,
+    processes = mp.start_processes(_rank_step, args=(2, _free_port(), gather, sync_bn, results, batch, method), nprocs=2,
                                    start_method="spawn", join=False)
     result = results.get()  # before joining: rank 0 blocks until its result is read
     while not processes.join():
@@ -236,9 +248,9 @@ def _two_rank_result(gather: bool, sync_bn: bool, batch: int = 32):
     return result
 
 
-def _one_process_result(batch: int = 32):
-    cfg, model, optimizer, scheduler, views = _tiny_setup(False, 1, batch)
-    step = make_step(cfg, model, optimizer, scheduler, torch.device("cpu"))
+def _one_process_result(batch: int = 32, method: str = "simclr"):
+    cfg, model, optimizer, scheduler, views = _tiny_setup(False, 1, batch, method=method)
+    step = make_step(cfg, model, optimizer, scheduler, torch.device("cpu"), total_steps=10)
     loss = train_step(step, views).item()
     torch.set_default_dtype(torch.float32)
     return loss, {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
@@ -260,6 +272,21 @@ def test_gathered_negatives_and_global_batchnorm_match_one_process_and_mistakes_
     # Per-rank BatchNorm statistics: the same loss function, different normalisation.
     _, state_bn = _two_rank_result(gather=True, sync_bn=False)
     assert _max_difference(state_one, state_bn) > 1e-4
+
+
+@pytest.mark.parametrize("method", ["moco", *[pytest.param(name, marks=pytest.mark.slow)
+                                              for name in ("byol", "barlowtwins", "vicreg", "dino")]])
+def test_each_method_on_two_ranks_matches_one_process(method):
+    """One step of every method that gathers (MoCo's queue, Barlow Twins' cross-correlation,
+    VICReg's variance and covariance, DINO's centre) or only needs global BatchNorm (BYOL) on the
+    global batch split over two ranks equals the step in one process, momentum update included."""
+    loss_one, state_one = _one_process_result(method=method)
+    loss_two, state_two = _two_rank_result(gather=True, sync_bn=True, method=method)
+    assert loss_two == pytest.approx(loss_one, rel=1e-6)
+    assert _max_difference(state_one, state_two) < 1e-6
+    if method in ("moco", "barlowtwins", "vicreg"):  # without the gather: each rank's own batch only
+        loss_local, state_local = _two_rank_result(gather=False, sync_bn=True, method=method)
+        assert abs(loss_local - loss_one) > 1e-4 or _max_difference(state_one, state_local) > 1e-4
 
 
 def test_global_batchnorm_is_batchnorm_in_one_process():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from lightly.loss import BarlowTwinsLoss
 from lightly.models.modules import BarlowTwinsProjectionHead
+from lightly.utils.dist import gather, world_size
 from pydantic import Field
 from torch import nn
 
@@ -28,11 +29,19 @@ class BarlowTwins(Method):
     def __init__(self, backbone: nn.Module, feature_dim: int, settings: Settings, gather_distributed: bool = False):
         super().__init__(backbone, feature_dim)
         self.projection_head = BarlowTwinsProjectionHead(feature_dim, settings.hidden_dim, settings.output_dim)
-        # gather_distributed: the cross-correlation is over the global batch (lightly all-reduces it)
-        self.criterion = BarlowTwinsLoss(lambda_param=settings.lambda_param, gather_distributed=gather_distributed)
+        self.criterion = BarlowTwinsLoss(lambda_param=settings.lambda_param)
+        # Distributed: the projections of every rank are gathered and each rank computes the loss
+        # of the global batch, standardised with the global batch's statistics as in the authors'
+        # code (whose SyncBatchNorm covers the standardising BatchNorm). lightly's own
+        # gather_distributed standardises per rank and averages the correlation matrices: not the
+        # global batch's loss.
+        self.gather_distributed = gather_distributed
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
         projections_a, projections_b = per_view(lambda images: self.projection_head(self.backbone(images)), views)
+        if self.gather_distributed and world_size() > 1:
+            # gather's backward sums every rank's gradient of this (identical) loss, DDP averages
+            projections_a, projections_b = torch.cat(gather(projections_a)), torch.cat(gather(projections_b))
         return self.criterion(projections_a.float(), projections_b.float())
 
 

@@ -73,7 +73,8 @@ class DINO(Method):
         student = per_view(lambda images: self.projection_head(self.backbone(images)), views)
         with torch.no_grad():  # only the 2 global views pass through the teacher
             teacher = per_view(lambda images: self.teacher_projection_head(self.teacher_backbone(images)), views[:2])
-        return self.criterion([t.float() for t in teacher], [s.float() for s in student],
+        dtype = self.criterion.center.dtype  # float32 (bf16 autocast outputs are cast up to it)
+        return self.criterion([t.to(dtype) for t in teacher], [s.to(dtype) for s in student],
                               teacher_temp=self.teacher_temperature())
 
     def after_step(self, progress: float) -> None:

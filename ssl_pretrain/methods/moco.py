@@ -68,7 +68,8 @@ class MoCo(Method):
         # both directions against the queue of earlier batches' keys; then this step's keys join it
         _, negatives = self.queue(keys[1], update=False)
         loss = 0.5 * (self.info_nce(queries[0], keys[1], negatives) + self.info_nce(queries[1], keys[0], negatives))
-        self.queue(torch.cat([keys[1], keys[0]]), update=True)
+        for enqueued in (keys[1], keys[0]):  # one call each: on several ranks, every rank's k2, then k1,
+            self.queue(enqueued, update=True)  # as one process with the global batch would order them
         return loss
 
     def after_step(self, progress: float) -> None:
