@@ -11,7 +11,7 @@ from lightly.utils.dist import gather, world_size
 from pydantic import Field
 from torch import nn
 
-from ssl_pretrain.methods.base import Method, MethodSettings, per_view
+from ssl_pretrain.methods.base import Method, MethodSettings
 
 NAME = "barlowtwins"
 SUMMARY = "cross-correlation of the two views driven to the identity"
@@ -38,7 +38,7 @@ class BarlowTwins(Method):
         self.gather_distributed = gather_distributed
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        projections_a, projections_b = per_view(lambda images: self.projection_head(self.backbone(images)), views)
+        projections_a, projections_b = self.projections(views)
         if self.gather_distributed and world_size() > 1:
             # gather's backward sums every rank's gradient of this (identical) loss, DDP averages
             projections_a, projections_b = torch.cat(gather(projections_a)), torch.cat(gather(projections_b))

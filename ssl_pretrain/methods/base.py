@@ -27,12 +27,8 @@ class MethodSettings(BaseModel):
 
 
 class Method(nn.Module):
-    """Base of the methods: ``backbone`` (the student, what is exported) and ``feature_dim``."""
-
-    global_views = 2
-    """Views of every image the method's transform must produce at full size."""
-    local_views = 0
-    """Small crops on top (multi-crop); only methods that use them set this."""
+    """Base of the methods: ``backbone`` (the student, what is exported), ``feature_dim`` and, in
+    every method here, a ``projection_head``."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int):
         super().__init__()
@@ -45,6 +41,10 @@ class Method(nn.Module):
 
     def after_step(self, progress: float) -> None:
         """Called after each optimiser step; ``progress`` in [0, 1] is the fraction of training done."""
+
+    def projections(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The student's ``projection_head(backbone(view))`` of each view (``per_view``)."""
+        return per_view(lambda images: self.projection_head(self.backbone(images)), views)
 
 
 def per_view(network: Callable[[torch.Tensor], torch.Tensor], views: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -70,7 +70,7 @@ class DINO(Method):
         return s.warmup_teacher_temperature + ramp * (s.teacher_temperature - s.warmup_teacher_temperature)
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        student = per_view(lambda images: self.projection_head(self.backbone(images)), views)
+        student = self.projections(views)
         with torch.no_grad():  # only the 2 global views pass through the teacher
             teacher = per_view(lambda images: self.teacher_projection_head(self.teacher_backbone(images)), views[:2])
         dtype = self.criterion.center.dtype  # float32 (bf16 autocast outputs are cast up to it)

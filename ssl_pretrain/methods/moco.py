@@ -60,7 +60,7 @@ class MoCo(Method):
         return F.cross_entropy(logits, torch.zeros(len(queries), dtype=torch.long, device=queries.device))
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        queries = per_view(lambda images: self.projection_head(self.backbone(images)), views)
+        queries = self.projections(views)
         with torch.no_grad():
             keys = per_view(lambda images: self.key_projection_head(self.key_backbone(images)), views)
         queries = [q.float() for q in queries]

@@ -10,7 +10,7 @@ from lightly.models.modules import SimCLRProjectionHead
 from pydantic import Field
 from torch import nn
 
-from ssl_pretrain.methods.base import Method, MethodSettings, per_view
+from ssl_pretrain.methods.base import Method, MethodSettings
 
 NAME = "simclr"
 SUMMARY = "contrastive, in-batch negatives (NT-Xent)"
@@ -35,7 +35,7 @@ class SimCLR(Method):
         self.criterion = NTXentLoss(temperature=settings.temperature, gather_distributed=gather_distributed)
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        projections_a, projections_b = per_view(lambda images: self.projection_head(self.backbone(images)), views)
+        projections_a, projections_b = self.projections(views)
         return self.criterion(projections_a.float(), projections_b.float())
 
 

@@ -10,7 +10,7 @@ from lightly.models.modules import SimSiamPredictionHead, SimSiamProjectionHead
 from pydantic import Field
 from torch import nn
 
-from ssl_pretrain.methods.base import Method, MethodSettings, per_view
+from ssl_pretrain.methods.base import Method, MethodSettings
 
 NAME = "simsiam"
 SUMMARY = "predict the other view's projection under a stop-gradient, no momentum"
@@ -32,7 +32,7 @@ class SimSiam(Method):
         self.criterion = NegativeCosineSimilarity()
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        projections = per_view(lambda images: self.projection_head(self.backbone(images)), views)
+        projections = self.projections(views)
         projections = [z.float() for z in projections]
         predictions = [self.prediction_head(z) for z in projections]
         return 0.5 * (self.criterion(predictions[0], projections[1].detach())

@@ -11,7 +11,7 @@ from lightly.models.modules import BarlowTwinsProjectionHead
 from pydantic import Field
 from torch import nn
 
-from ssl_pretrain.methods.base import Method, MethodSettings, per_view
+from ssl_pretrain.methods.base import Method, MethodSettings
 
 NAME = "vicreg"
 SUMMARY = "invariance + variance + covariance terms"
@@ -36,7 +36,7 @@ class VICReg(Method):
                                     nu_param=settings.covariance_weight, gather_distributed=gather_distributed)
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        projections_a, projections_b = per_view(lambda images: self.projection_head(self.backbone(images)), views)
+        projections_a, projections_b = self.projections(views)
         return self.criterion(projections_a.float(), projections_b.float())
 
 
