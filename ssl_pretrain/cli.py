@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -104,7 +105,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from ssl_pretrain.train import DivergenceError, pretrain
 
         monitor = None
-        if cfg.monitor.train and cfg.monitor.val:
+        # only rank 0 monitors (torchrun sets RANK): the others need not open the monitor's data
+        if cfg.monitor.train and cfg.monitor.val and os.environ.get("RANK", "0") == "0":
             from linear_probe.monitor import KnnMonitor  # evaluation code, handed to the loop
 
             monitor = KnnMonitor(cfg)
