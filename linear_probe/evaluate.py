@@ -233,7 +233,7 @@ def build_random_backbone(info: BackboneInfo, seed: int) -> nn.Module:
     """The checkpoint's architecture with fresh random weights, the same for the same seed."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        backbone, _ = build_backbone(info.architecture, info.small_stem)
+        backbone, _ = build_backbone(info.architecture, info.small_stem, info.input_size)
     return backbone.eval()
 
 

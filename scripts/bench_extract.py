@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         backbone, info = load_backbone(args.checkpoint)
         name, size, mean, std = info.architecture, info.input_size, info.mean, info.std
     else:
-        backbone, _ = build_backbone("smallconv", True)
+        backbone, _ = build_backbone("smallconv", True, 32)
         name, size, mean, std = "smallconv", 32, (0.5,) * 3, (0.25,) * 3
     backbone.eval()
     source = random_subset(open_source(args.data, labelled=True), args.images)

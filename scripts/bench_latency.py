@@ -51,7 +51,7 @@ MODELS = {
 def save_model(folder: Path, name: str, classes: int = 10) -> Path:
     architecture, small_stem, size = MODELS[name]
     torch.manual_seed(0)
-    backbone, dim = build_backbone(architecture, small_stem)
+    backbone, dim = build_backbone(architecture, small_stem, size)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     info = ClassifierInfo([str(c) for c in range(classes)], architecture, small_stem, dim, size, mean, std)
     save_classifier(folder, ImageClassifier(backbone, dim, classes, mean, std).eval(), info)

@@ -8,8 +8,10 @@ logistic regression on 10% of the training labels (C chosen on validation), test
     python scripts/bench_methods.py --train /data/cifar10/train --test /data/cifar10/test \\
         --methods simclr,byol,dino --budget 15 --out runs/methods
 
-The runs are sequential (each alone on the machine); the table gives each method's figures and
-their ratio to the first method's. ``--set KEY=VALUE`` passes settings to every pretraining.
+The runs are sequential (each alone on the machine), or with ``--lanes N`` N at a time, each
+pinned to its own core with one thread (N methods per budget; every row then had one core, and the
+same neighbours' load). The table gives each method's figures and their ratio to the first
+method's. ``--set KEY=VALUE`` passes settings to every pretraining.
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from queue import Queue
+from typing import Optional
 
 import numpy as np
 import torch
@@ -55,15 +61,28 @@ def split_training_folder(train: str, out: Path, val_fraction: float, seed: int)
     return paths, SubsetSource(source, train_rows), SubsetSource(source, val_rows)
 
 
-def pretrain(method: str, paths: Path, out: Path, budget: float, overrides: list[str]) -> float:
-    """Run ``ssl-pretrain`` for ``method``; returns its wall-clock seconds."""
+def pretrain(method: str, paths: Path, out: Path, budget: float, overrides: list[str],
+             core: Optional[int] = None) -> float:
+    """Run ``ssl-pretrain`` for ``method`` (on CPU ``core`` alone, one thread, if given); returns its
+    wall-clock seconds. A run that fails (a divergence stop, say) is reported and evaluated as it
+    stands."""
     command = [sys.executable, "-m", "ssl_pretrain", "--data", str(paths), "--config",
                str(REPO / "configs" / "cifar10_cpu.yaml"), "--method", method, "--time-budget", str(budget),
                "--out", str(out), "--overwrite", "--no-progress"]
+    env = None
+    if core is not None:
+        command += ["--set", "train.threads=1"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for override in overrides:
         command += ["--set", override]
     started = time.perf_counter()
-    subprocess.run(command, check=True)
+    log = (out.parent / f"{method}.log").open("w") if core is not None else None
+    result = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
+                            preexec_fn=(lambda: os.sched_setaffinity(0, {core})) if core is not None else None)
+    if log:
+        log.close()
+    if result.returncode:
+        print(f"{method}: ssl-pretrain exited with {result.returncode}", flush=True)
     return time.perf_counter() - started
 
 
@@ -93,6 +112,9 @@ def table(rows: dict[str, dict], first: str) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     base = rows[first]
     for name, row in rows.items():
+        if row.get("failed"):
+            lines.append(f"| {name} | stopped without an export (see its log) | | | | | | | |")
+            continue
         lines.append(
             f"| {name} | {row['steps']} ({row['epochs']}) | {row['images_per_s']:.0f} | {row['knn_val']:.2%} | "
             f"{row['knn_test']:.2%} | {row['knn_test'] / base['knn_test']:.3f} | {row['logreg10_val']:.2%} | "
@@ -109,6 +131,8 @@ def main(argv=None) -> int:
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--lanes", type=int, default=1,
+                        help="methods pretrained at a time, each pinned to its own core with one thread")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -117,17 +141,42 @@ def main(argv=None) -> int:
     test_source = open_source(args.test, labelled=True)
     methods = [name.strip() for name in args.methods.split(",") if name.strip()]
     rows: dict[str, dict] = {}
+    if args.lanes > 1:
+        cores = sorted(os.sched_getaffinity(0))[: args.lanes]
+        if len(cores) < args.lanes:
+            parser.error(f"--lanes {args.lanes} needs as many cores; this process may use {len(cores)}")
+        free: Queue = Queue()
+        for core in cores:
+            free.put(core)
+
+        def lane(method: str) -> float:
+            core = free.get()
+            try:
+                return pretrain(method, paths, out / method, args.budget, args.overrides, core)
+            finally:
+                free.put(core)
+
+        with ThreadPoolExecutor(args.lanes) as pool:
+            seconds = dict(zip(methods, pool.map(lane, methods)))
     for method in methods:
-        seconds = pretrain(method, paths, out / method, args.budget, args.overrides)
-        rows[method] = {"pretrain_s": seconds, **evaluate(out / method, train_source, val_source, test_source,
-                                                         args.seed)}
+        if args.lanes <= 1:
+            seconds = {method: pretrain(method, paths, out / method, args.budget, args.overrides)}
+        if not (out / method / "backbone.safetensors").is_file():  # stopped without an export: say so
+            rows[method] = {"pretrain_s": seconds[method], "failed": True}
+            continue
+        rows[method] = {"pretrain_s": seconds[method], **evaluate(out / method, train_source, val_source,
+                                                                  test_source, args.seed)}
         print(json.dumps({"method": method, **rows[method]}), flush=True)
         (out / "results.json").write_text(json.dumps(rows, indent=1))
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    print(f"\n{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    threads = (f"{args.lanes} methods at a time, each on one core with one thread" if args.lanes > 1
+               else f"{torch.get_num_threads()} threads")
+    print(f"\n{cpu_model()}, {threads}, torch {torch.__version__}, "
           f"{datetime.date.today()}, commit {commit}; budget {args.budget:g} min per method\n")
-    print(table(rows, methods[0]))
+    first = next((name for name, row in rows.items() if not row.get("failed")), None)
+    if first:
+        print(table(rows, first))
     return 0
 
 

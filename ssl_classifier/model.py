@@ -119,7 +119,7 @@ def build_network(info: ClassifierInfo) -> ImageClassifier:
     from ssl_pretrain.models.backbones import build_backbone
 
     try:
-        backbone, _ = build_backbone(info.architecture, info.small_stem)
+        backbone, _ = build_backbone(info.architecture, info.small_stem, info.input_size)
     except ValueError as error:
         raise ClassifierError(str(error)) from None
     return ImageClassifier(backbone, info.feature_dim, info.num_classes, info.mean, info.std)

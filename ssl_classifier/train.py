@@ -213,7 +213,7 @@ def check_input_size(backbone: nn.Module, input_size: int, architecture: str, pr
     try:
         with torch.no_grad():
             backbone.eval()(torch.zeros(2, 3, input_size, input_size))
-    except RuntimeError as error:
+    except (RuntimeError, ValueError) as error:  # ValueError: a ViT's patches do not tile the size
         first = str(error).strip().splitlines()[0][:160]
         raise ClassifierError(f"input size {input_size} px does not fit the {architecture} backbone: {first}") from None
 

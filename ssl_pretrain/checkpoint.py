@@ -240,7 +240,7 @@ def load_backbone(path: str | Path, expect_architecture: str | None = None) -> t
             f"{path} holds a '{info.architecture}' backbone, but '{expect_architecture}' was expected"
         )
     try:
-        backbone, _ = build_backbone(info.architecture, info.small_stem)
+        backbone, _ = build_backbone(info.architecture, info.small_stem, info.input_size)
     except ValueError as error:
         raise CheckpointError(f"{path}: {error}") from None
     load_state_dict_strict(backbone, tensors, f"{path} ('{info.architecture}')")

@@ -115,7 +115,9 @@ class ModelConfig(_Section):
 
 
 class OptimConfig(_Section):
-    name: Literal["sgd", "lars"] = "sgd"
+    name: Literal["sgd", "lars", "adamw"] = "sgd"
+    """``sgd`` (lightly's CIFAR-10 benchmarks), ``lars`` (SimCLR, BYOL, Barlow Twins on ImageNet) or
+    ``adamw`` (DINO, MAE; ``momentum`` is then unused, ``betas`` apply)."""
     lr: float = Field(0.06, gt=0)
     """Base learning rate for a batch of 256; scaled by ``lr_scaling``. 0.06 x bs/256 with SGD is
     lightly's CIFAR-10 benchmark; SimCLR uses LARS with 0.3 x bs/256 on ImageNet."""
@@ -124,6 +126,11 @@ class OptimConfig(_Section):
     weight_decay: float = 5e-4
     """5e-4 for CIFAR with SGD (lightly benchmark); SimCLR uses 1e-6 with LARS on ImageNet.
     Never applied to norm layers and biases."""
+    weight_decay_end: Optional[float] = Field(None, ge=0)
+    """Cosine schedule of the weight decay from ``weight_decay`` to this value over training (DINO:
+    0.04 -> 0.4); default: constant."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's moment decay rates (DINO and MAE: 0.9, 0.999 and 0.9, 0.95)."""
     warmup_epochs: float = 10
     """Linear warm-up, then cosine decay to zero (SimCLR: 10 epochs of warm-up)."""
     grad_clip: Optional[float] = None
@@ -195,6 +202,8 @@ VARIANT_CONDITIONS = {
 class _ConfigBase(_Section):
     variant: Optional[str] = None
     """The preset variant ``load_config`` applied for this hardware (informational; set by it)."""
+    recipe: Optional[str] = None
+    """The method whose preset recipe ``load_config`` applied (informational; set by it)."""
     method: str = "simclr"
     """The pretraining method (``ssl_pretrain.methods``; ``ssl-pretrain --list-methods``). Its
     hyper-parameters are in the section of the same name (``simclr.temperature``, ``byol.momentum``)."""
@@ -218,6 +227,25 @@ class _ConfigBase(_Section):
             takers = [name for name, module in METHODS.items() if getattr(module, "LOCAL_VIEWS", False)]
             raise ValueError(f"augment.local_views (multi-crop) is used by {', '.join(takers)} only; "
                              f"method {self.method} trains on two views")
+        return self
+
+    @model_validator(mode="after")
+    def _backbone_fits_the_method(self) -> "_ConfigBase":
+        from ssl_pretrain.models.backbones import input_multiple, resolve_small_stem
+
+        fitting = getattr(METHODS[self.method], "BACKBONES", None)  # e.g. MAE masks ViT patch tokens
+        if fitting is not None and self.model.backbone not in fitting:
+            raise ValueError(f"method {self.method} trains only the backbones {', '.join(fitting)}; "
+                             f"model.backbone is {self.model.backbone}")
+        # a ViT's patches must tile every view it is fed, DINO's local crops included
+        patch = input_multiple(self.model.backbone, resolve_small_stem(self.model.small_stem, self.augment.input_size))
+        sizes = {"input_size": self.augment.input_size}
+        if self.augment.local_views:
+            sizes["local_size"] = self.augment.local_size
+        for key, size in sizes.items():
+            if size % patch:
+                raise ValueError(f"augment.{key} {size} px is not a multiple of the {self.model.backbone} "
+                                 f"patch size, {patch} px")
         return self
 
     @property
@@ -304,11 +332,13 @@ def _apply_override(tree: dict, parts: list[str], value: Any) -> None:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
     """Defaults, then the YAML file at ``path``, then its ``variants:`` entry that fits this
-    hardware (if any), then ``KEY=VALUE`` overrides.
+    hardware (if any), then its ``recipes:`` entry for the method, then ``KEY=VALUE`` overrides.
 
     A preset may hold ``variants: {CONDITION: {dotted.key: value, ...}}``, CONDITION one of
     ``VARIANT_CONDITIONS``: settings measured to be better where that condition holds (the CPU
-    preset trains a narrower network where training runs in fp32). ``--set`` still wins.
+    preset trains a narrower network where training runs in fp32). It may hold ``recipes: {METHOD:
+    {dotted.key: value, ...}}``: what a method needs beyond the preset's shared settings (its
+    optimiser, learning rate, crops), applied when that method is trained. ``--set`` still wins.
 
     Raises:
         ConfigError: a missing or malformed file, an unknown key or a bad value (one line).
@@ -328,8 +358,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         tree = loaded or {}
     user = [parse_override(text) for text in overrides]
     variants = tree.pop("variants", None)
+    recipes = tree.pop("recipes", None)
     if variants is not None:
         _apply_variant(tree, _check_variants(variants, origin), user)
+    if recipes is not None:
+        _apply_recipe(tree, _check_recipes(recipes, origin), user)
     for parts, value in user:
         _apply_override(tree, parts, value)
         origin = f"{origin} + --set"
@@ -349,6 +382,28 @@ def _check_variants(variants: Any, origin: str) -> dict[str, dict[str, Any]]:
         if not isinstance(settings, dict):
             raise ConfigError(f"{origin}: variant '{condition}' must map dotted keys to values")
     return variants
+
+
+def _check_recipes(recipes: Any, origin: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(recipes, dict):
+        raise ConfigError(f"{origin}: 'recipes' must map a method to settings, not {type(recipes).__name__}")
+    for method, settings in recipes.items():
+        if method not in METHODS:
+            raise ConfigError(f"{origin}: unknown method '{method}' under recipes; allowed: {', '.join(METHODS)}")
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{origin}: recipe '{method}' must map dotted keys to values")
+    return recipes
+
+
+def _apply_recipe(tree: dict, recipes: dict[str, dict[str, Any]], user: list) -> None:
+    """Apply the recipe of the method the run will train (``--set method=`` or ``--method`` first,
+    then the preset's ``method``, then the default)."""
+    method = next((value for parts, value in reversed(user) if parts == ["method"]), None)
+    method = str(method or tree.get("method") or Config.model_fields["method"].default)
+    if method in recipes:
+        for key, value in recipes[method].items():
+            _apply_override(tree, [part for part in str(key).split(".") if part], value)
+        tree["recipe"] = method
 
 
 def _apply_variant(tree: dict, variants: dict[str, dict[str, Any]], user: list) -> None:

@@ -67,7 +67,8 @@ from ssl_pretrain.data.dataset import (
 )
 from ssl_pretrain.engine.hardware import bf16_native, resolve_precision
 from ssl_pretrain.methods import METHODS, Method, build_model
-from ssl_pretrain.engine.optim import BudgetClock, build_optimizer, build_scheduler, scaled_lr
+from ssl_pretrain.engine.optim import (BudgetClock, build_optimizer, build_scheduler, scaled_lr, set_weight_decay,
+                                       weight_decay_at)
 from ssl_pretrain.engine.run_folder import RunFolder
 from ssl_pretrain.augment.transforms import build_view_transform
 
@@ -299,6 +300,8 @@ class Step:
     dist: DistInfo = field(default_factory=DistInfo)
     clock: Optional[BudgetClock] = None  # train.time_budget_minutes
     forecast_done: bool = False  # the time budget's epoch forecast is logged once per process
+    weight_decay: Optional[Callable[[float], float]] = None  # progress -> weight decay (optim.weight_decay_end)
+    collapse_warned: bool = False  # the collapse warning is logged once per process
 
 
 def training_progress(step: Step) -> float:
@@ -321,6 +324,10 @@ def train_step(step: Step, views: tuple[torch.Tensor, ...]) -> torch.Tensor:
     loss.backward()
     if step.grad_clip:
         torch.nn.utils.clip_grad_norm_(step.model.parameters(), step.grad_clip)
+    progress = training_progress(step)
+    unwrap(step.model).before_optimizer_step(progress)
+    if step.weight_decay is not None:
+        set_weight_decay(step.optimizer, step.weight_decay(progress))
     step.optimizer.step()
     step.scheduler.step()
     unwrap(step.model).after_step(training_progress(step))
@@ -488,8 +495,11 @@ def make_step(cfg: Config, model: Method, optimizer, scheduler, device: torch.de
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.compile:
         forward_model = torch.compile(forward_model)
+    weight_decay = None
+    if cfg.optim.weight_decay_end is not None:
+        weight_decay = lambda progress: weight_decay_at(cfg.optim, progress)  # noqa: E731
     return Step(forward_model, optimizer, scheduler, device, autocast, channels_last, cfg.optim.grad_clip,
-                total_steps, dist_info)
+                total_steps, dist_info, weight_decay=weight_decay)
 
 
 def pretrain(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: bool = False,
@@ -568,9 +578,12 @@ def _pretrain(cfg: Config, out_dir: str | Path, resume: bool, overwrite: bool, p
                 log.info("no checkpoint in %s yet: starting fresh", run.path)
         run.write_config(cfg.to_dict())
         budget = f" (at most; time budget {cfg.train.time_budget_minutes:g} min)" if clock else ""
-        log.info("run %s on %s%s: %s, %d epochs%s, peak lr %.4g", run.path, device,
-                 f" x {dist_info.world_size} ranks" if dist_info.enabled else "", cfg.model.backbone,
+        log.info("run %s on %s%s: %s on %s, %d epochs%s, peak lr %.4g", run.path, device,
+                 f" x {dist_info.world_size} ranks" if dist_info.enabled else "", cfg.method, cfg.model.backbone,
                  cfg.train.epochs, budget, scaled_lr(cfg.optim, cfg.train.batch_size))
+        if cfg.recipe:
+            log.info("preset recipe for %s applied: the settings under recipes.%s of the preset, before --set",
+                     cfg.recipe, cfg.recipe)
         if cfg.variant:
             log.info("preset variant '%s' applied (%s): the settings under variants.%s of the preset, "
                      "before --set", cfg.variant, VARIANT_CONDITIONS[cfg.variant], cfg.variant)
@@ -595,6 +608,11 @@ def warn_large_backbone_on_cpu(cfg: Config, device: torch.device) -> bool:
     every device, so that one command means one recipe everywhere. Returns whether it warned."""
     if device.type != "cpu" or BACKBONES[cfg.model.backbone].cpu_sized:
         return False
+    if BACKBONES[cfg.model.backbone].patched:
+        log.warning("training %s on a CPU: the ViTs run 5-10x slower than smallconv there (vit-tiny at 32 px: about "
+                    "30 images/s forward+backward on 2 cores); --config configs/cifar10_cpu.yaml trains a CPU-sized "
+                    "CNN", cfg.model.backbone)
+        return True
     log.warning("training %s on a CPU: about 35 images/s on 2 cores for ResNet-18 (the default, a GPU recipe); "
                 "--config configs/cifar10_cpu.yaml trains a CPU-sized network 10-40x faster", cfg.model.backbone)
     return True
@@ -638,6 +656,7 @@ def train_epochs(cfg: Config, run: RunFolder, step: Step, loader, sampler, state
         state.epoch, state.step_in_epoch = state.epoch + 1, 0
         if monitor and state.epoch % cfg.monitor.every_epochs == 0:
             record["knn_top1"] = monitor(unwrap(step.model).backbone)
+        warn_if_collapsed(cfg, step, record)
         write_checkpoint(run, cfg, step.model, step.optimizer, step.scheduler, state, step.clock)
         if run.writer and cfg.train.keep_every_epochs and state.epoch % cfg.train.keep_every_epochs == 0:
             payload = run.last_checkpoint.read_bytes()
@@ -657,6 +676,21 @@ def train_epochs(cfg: Config, run: RunFolder, step: Step, loader, sampler, state
                  cfg.train.epochs, loss, record["images_per_s"], record["skipped_files"], knn, eta)
     if writer:
         writer.close()
+
+
+def warn_if_collapsed(cfg: Config, step: Step, record: dict) -> None:
+    """After an epoch, ask the method whether its loss shows the known collapse (all images mapped
+    alike: DINO's uniform output, BYOL's and SimSiam's constant prediction); warn once, naming the
+    likely fixes. The run goes on: a collapse can be left again, and the user decides."""
+    if record["loss_mean"] is None or step.collapse_warned or record["epoch"] < 2:  # the first epoch starts there
+        return
+    message = unwrap(step.model).collapse_message(record["loss_mean"])
+    if message:
+        step.collapse_warned = True
+        record["collapsed"] = True
+        log.warning("epoch %d: %s: the features stop learning. Likely fixes: a lower optim.lr (now %g per 256), "
+                    "a longer optim.warmup_epochs (now %g), the method's recipe in configs/cifar10_cpu.yaml "
+                    "(recipes:), or another method", record["epoch"], message, cfg.optim.lr, cfg.optim.warmup_epochs)
 
 
 def stop_at_budget(cfg: Config, run: RunFolder, step: Step, state: RunState, record: dict) -> None:

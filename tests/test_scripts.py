@@ -2,8 +2,10 @@
 
 import importlib.util
 import json
+import os
 
 import pytest
+import yaml
 from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -117,3 +119,18 @@ def test_methods_benchmark_script_runs_each_method_and_compares_to_the_first(tmp
     table = capsys.readouterr().out
     assert "| simclr |" in table and "| byol |" in table and "| 1.000 |" in table
     assert len((out / "pretrain_paths.txt").read_text().splitlines()) == 180  # 10% held out for validation
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two lanes need two cores")
+def test_bench_methods_runs_two_methods_at_a_time_each_on_one_core(digits_folder, tmp_path, capsys):
+    out = tmp_path / "lanes"
+    assert _load("bench_methods").main(["--train", str(digits_folder), "--test", str(digits_folder), "--lanes", "2",
+                                        "--methods", "simclr,moco", "--budget", "0.05", "--out", str(out),
+                                        "--set", "train.batch_size=32", "--set", "augment.input_size=16"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert list(rows) == ["simclr", "moco"] and all(0 < row["knn_test"] <= 1 for row in rows.values())
+    for method in rows:  # each lane's run was held to one thread, its log kept beside it
+        assert yaml.safe_load((out / method / "config.yaml").read_text())["train"]["threads"] == 1
+        assert "done: backbone written" in (out / f"{method}.log").read_text()
+    assert "2 methods at a time, each on one core" in capsys.readouterr().out

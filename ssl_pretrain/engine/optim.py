@@ -1,4 +1,5 @@
-"""Optimiser and learning-rate schedule: SGD or LARS, linear warm-up then cosine decay."""
+"""Optimiser and schedules: SGD, LARS or AdamW; linear warm-up then cosine decay of the learning
+rate, and an optional cosine schedule of the weight decay (DINO)."""
 
 from __future__ import annotations
 
@@ -19,9 +20,14 @@ def scaled_lr(cfg: OptimConfig, batch_size: int) -> float:
     return cfg.lr * factor[cfg.lr_scaling]
 
 
+NO_DECAY_NAMES = {"pos_embedding", "pos_embed", "class_token", "cls_token", "mask_token"}
+"""ViT parameters that are never decayed either (torchvision's and timm's names; as in MAE's and
+DINO's code)."""
+
+
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on conv/linear weights only: norm layers and biases are excluded, as in
-    SimCLR's and BYOL's reference code. lightly's LARS skips its trust ratio for groups with no
+    SimCLR's and BYOL's reference code (nor are a ViT's position embeddings and class token). lightly's LARS skips its trust ratio for groups with no
     weight decay, so the same split also excludes them from LARS adaptation."""
     decay, no_decay = [], []
     for module in model.modules():
@@ -29,10 +35,11 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad:
                 continue
-            (no_decay if is_norm or name == "bias" else decay).append(param)
+            exempt = is_norm or name == "bias" or name in NO_DECAY_NAMES
+            (no_decay if exempt else decay).append(param)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay, "decayed": True},
+        {"params": no_decay, "weight_decay": 0.0, "decayed": False},
     ]
 
 
@@ -41,7 +48,25 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, batch_size: int) -> torc
     lr = scaled_lr(cfg, batch_size)
     if cfg.name == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+
+
+def weight_decay_at(cfg: OptimConfig, progress: float) -> float:
+    """``optim.weight_decay`` at ``progress`` (0 -> 1) of training: constant, or a cosine from it to
+    ``optim.weight_decay_end`` (DINO, Caron et al. 2021: 0.04 -> 0.4)."""
+    if cfg.weight_decay_end is None:
+        return cfg.weight_decay
+    ramp = 0.5 * (1.0 - math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    return cfg.weight_decay + (cfg.weight_decay_end - cfg.weight_decay) * ramp
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """Set the weight decay of the decayed groups (norm layers and biases stay at 0)."""
+    for group in optimizer.param_groups:
+        if group.get("decayed", group["weight_decay"] > 0):
+            group["weight_decay"] = weight_decay
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from lightly.models.utils import deactivate_requires_grad, update_momentum
@@ -28,7 +28,7 @@ class MethodSettings(BaseModel):
 
 class Method(nn.Module):
     """Base of the methods: ``backbone`` (the student, what is exported), ``feature_dim`` and, in
-    every method here, a ``projection_head``."""
+    every method here but MAE (a pixel decoder instead), a ``projection_head``."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int):
         super().__init__()
@@ -39,8 +39,16 @@ class Method(nn.Module):
         """Shape: ``views[i]`` ``(B, 3, H, W)`` -> the scalar loss of the batch."""
         raise NotImplementedError
 
+    def before_optimizer_step(self, progress: float) -> None:
+        """Called between the backward pass and the optimiser step (e.g. to drop some gradients)."""
+
     def after_step(self, progress: float) -> None:
         """Called after each optimiser step; ``progress`` in [0, 1] is the fraction of training done."""
+
+    def collapse_message(self, epoch_loss: float) -> Optional[str]:
+        """What an epoch's mean loss says about a known collapse of this method (every image mapped
+        alike), or None; asked from the second epoch on."""
+        return None
 
     def projections(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """The student's ``projection_head(backbone(view))`` of each view (``per_view``)."""

@@ -6,6 +6,8 @@ does, the mean of the two directions' negative cosine similarity: the paper's gr
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
@@ -50,5 +52,10 @@ class BYOL(Method):
         follow(self.target_backbone, self.backbone, momentum)
         follow(self.target_projection_head, self.projection_head, momentum)
 
+    def collapse_message(self, epoch_loss: float) -> Optional[str]:
+        if epoch_loss < -0.999:  # the mean cosine similarity of prediction and target is ~1
+            return (f"the loss is {epoch_loss:.4f}, at its floor of -1: every image gives the same prediction "
+                    "(collapse)")
+        return None
 
 build = BYOL

@@ -5,6 +5,9 @@ to avoid collapse. lightly's ``DINOProjectionHead`` and ``DINOLoss``."""
 
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
@@ -26,11 +29,19 @@ class Settings(MethodSettings):
     """Head 2048 -> 256 -> K prototypes: K = 65,536 in the paper (ImageNet), 4,096 in solo-learn's
     CIFAR setting (and 16x cheaper on a CPU)."""
     student_temperature: float = Field(0.1, gt=0)
-    teacher_temperature: float = Field(0.07, gt=0)
+    teacher_temperature: float = Field(0.04, gt=0)
     warmup_teacher_temperature: float = Field(0.04, gt=0)
     teacher_warmup_fraction: float = Field(0.1, ge=0, le=1)
-    """Teacher temperature 0.04 -> 0.07, linearly over the first 10% of training (30 of the paper's
-    300 epochs); student 0.1 (Sec. 3.1, Appendix)."""
+    """Teacher temperature from ``warmup_teacher_temperature`` to ``teacher_temperature``, linearly
+    over the first 10% of training; student 0.1 (Sec. 3.1). 0.04 throughout is the authors' code's
+    default (main_dino.py: "anything above 0.07 is unstable... start with 0.04") and lightly's; the
+    paper's 0.04 -> 0.07 is for ViT-S/16 over 300 epochs. With 0.07 a 3-epoch CIFAR-10 trial of the
+    CPU preset collapsed to the uniform output (loss ln K); 0.04 learnt (BENCHMARKS.md section 10)."""
+    batch_norm: bool = False
+    """BatchNorm in the head's MLP: off in the paper (ViT), on in lightly's ResNet CIFAR-10 benchmark."""
+    freeze_last_layer_fraction: float = Field(0.0, ge=0, le=1)
+    """The head's last layer gets no update over this fraction of training (the paper: the first
+    epoch of 100-800, for stability); 0: off."""
     center_momentum: float = Field(0.9, ge=0, lt=1)
     momentum: float = Field(0.996, ge=0, le=1)
     """Teacher momentum at the start, cosine to 1 (paper: 0.996)."""
@@ -46,7 +57,7 @@ class DINO(Method):
     def __init__(self, backbone: nn.Module, feature_dim: int, settings: Settings, gather_distributed: bool = False):
         super().__init__(backbone, feature_dim)
         head = lambda: DINOProjectionHead(feature_dim, settings.hidden_dim, settings.bottleneck_dim,  # noqa: E731
-                                          settings.output_dim)
+                                          settings.output_dim, batch_norm=settings.batch_norm)
         self.projection_head = head()
         self.teacher_backbone = momentum_copy(backbone)
         # the head's weight-normalised last layer cannot be deep-copied: a second one takes its weights
@@ -77,11 +88,23 @@ class DINO(Method):
         return self.criterion([t.to(dtype) for t in teacher], [s.to(dtype) for s in student],
                               teacher_temp=self.teacher_temperature())
 
+    def before_optimizer_step(self, progress: float) -> None:
+        if progress < self.settings.freeze_last_layer_fraction:
+            for param in self.projection_head.last_layer.parameters():
+                param.grad = None  # no update (nor weight decay) for this step
+
     def after_step(self, progress: float) -> None:
         self.progress.fill_(progress)
         momentum = cosine_momentum(self.settings.momentum, progress)
         follow(self.teacher_backbone, self.backbone, momentum)
         follow(self.teacher_projection_head, self.projection_head, momentum)
+
+    def collapse_message(self, epoch_loss: float) -> Optional[str]:
+        uniform = math.log(self.settings.output_dim)  # the cross-entropy of two uniform distributions
+        if epoch_loss > uniform * (1 - 1e-3):
+            return (f"the loss is {epoch_loss:.4f}, at ln(output_dim) = {uniform:.4f}: teacher and student output "
+                    "the uniform distribution for every image (collapse)")
+        return None
 
 
 build = DINO

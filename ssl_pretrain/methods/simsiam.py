@@ -4,6 +4,8 @@ D(p2, sg(z1))/2`` with ``D`` the negative cosine similarity (Algorithm 1)."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import SimSiamPredictionHead, SimSiamProjectionHead
@@ -38,5 +40,10 @@ class SimSiam(Method):
         return 0.5 * (self.criterion(predictions[0], projections[1].detach())
                       + self.criterion(predictions[1], projections[0].detach()))
 
+    def collapse_message(self, epoch_loss: float) -> Optional[str]:
+        if epoch_loss < -0.999:  # the mean cosine similarity of prediction and target is ~1
+            return (f"the loss is {epoch_loss:.4f}, at its floor of -1: every image gives the same prediction "
+                    "(collapse)")
+        return None
 
 build = SimSiam

@@ -6,21 +6,26 @@ kept apart (see ``ssl_pretrain.methods.simclr``), so the exported backbone is us
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    builder: Callable[[bool], nn.Module]
+    builder: Callable[[bool, int], nn.Module]
+    """``(small_stem, input_size) -> module``; only the ViTs use the input size (their patch grid)."""
     feature_dim: int
     description: str
     cpu_sized: bool = False
     """Small enough to pretrain on a few CPU cores (no "this is a GPU network" warning)."""
+    patched: bool = False
+    """A ViT: image sides must be multiples of its patch size (``vit_patch_size``)."""
 
 
 def _torchvision_resnet(name: str, small_stem: bool) -> nn.Module:
@@ -69,17 +74,101 @@ NARROW_WIDTHS = (24, 48, 96, 192)
 XNARROW_WIDTHS = (16, 32, 64, 128)
 XNARROW_WIDE_WIDTHS = (16, 32, 64, 256)
 
+
+class ViTBackbone(VisionTransformer):
+    """torchvision's ``VisionTransformer`` without its classifier: images -> the class token after
+    the final LayerNorm. Parameter names are torchvision's (``conv_proj``, ``class_token``,
+    ``encoder.pos_embedding``, ``encoder.layers``, ``encoder.ln``), so masked-image methods can
+    wrap it (lightly's ``MaskedVisionTransformerTorchvision``) and share its weights.
+
+    Unlike torchvision's, it takes any image size that is a multiple of the patch size - DINO's
+    local crops pass through the student, evaluation may use another size - by resampling the
+    position embeddings of the patch grid (bicubic, antialiased when shrinking, as timm and
+    lightly do); the class token's embedding is kept.
+
+    Shape: ``(B, 3, H, W)`` -> ``(B, hidden_dim)``.
+    """
+
+    def __init__(self, image_size: int, patch_size: int, num_layers: int, num_heads: int, hidden_dim: int,
+                 mlp_dim: int):
+        if image_size % patch_size:
+            raise ValueError(f"ViT input size {image_size} px is not a multiple of its patch size {patch_size} px")
+        super().__init__(image_size, patch_size, num_layers, num_heads, hidden_dim, mlp_dim)
+        self.heads = nn.Identity()
+
+    def patch_grid(self, images: torch.Tensor) -> tuple[int, int]:
+        """``(rows, columns)`` of patches; a clear error for sizes that do not tile."""
+        height, width = images.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"ViT input {height}x{width} px is not a multiple of its patch size "
+                             f"{self.patch_size} px (built for {self.image_size} px)")
+        return height // self.patch_size, width // self.patch_size
+
+    def position_embedding(self, rows: int, columns: int) -> torch.Tensor:
+        """``(1, 1 + rows * columns, hidden_dim)``: the position embeddings, resampled to the grid."""
+        embedding = self.encoder.pos_embedding
+        side = self.image_size // self.patch_size
+        if (rows, columns) == (side, side):
+            return embedding
+        grid = embedding[:, 1:].reshape(1, side, side, self.hidden_dim).permute(0, 3, 1, 2)
+        grid = nn.functional.interpolate(grid, size=(rows, columns), mode="bicubic", align_corners=False,
+                                         antialias=rows < side or columns < side)
+        return torch.cat([embedding[:, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * columns, -1)], dim=1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Position embeddings of another square grid are adopted as they are, with the size they
+        were learnt at: a backbone pretrained at 16 px stays a 16-px ViT (resampling for other
+        sizes) inside a classifier described, and rebuilt, at 24 px."""
+        saved = state_dict.get(prefix + "encoder.pos_embedding")
+        own = self.encoder.pos_embedding
+        if saved is not None and saved.dim() == 3 and saved.shape[0] == 1 and saved.shape[1:] != own.shape[1:]:
+            side = math.isqrt(saved.shape[1] - 1)
+            if side * side == saved.shape[1] - 1 and saved.shape[2] == own.shape[2]:
+                self.encoder.pos_embedding = nn.Parameter(torch.empty_like(saved, device=own.device),
+                                                          requires_grad=own.requires_grad)
+                self.image_size, self.seq_length = side * self.patch_size, saved.shape[1]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        rows, columns = self.patch_grid(images)
+        tokens = self.conv_proj(images).flatten(2).transpose(1, 2)  # (B, rows * columns, hidden_dim)
+        # shape[0], not len(): len() fixes the batch size in an ONNX export
+        tokens = torch.cat([self.class_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        tokens = tokens + self.position_embedding(rows, columns)
+        encoder = self.encoder  # torchvision's Encoder.forward, without its fixed-length check
+        return encoder.ln(encoder.layers(encoder.dropout(tokens)))[:, 0]
+
+
+VIT_TINY = dict(num_layers=12, num_heads=3, hidden_dim=192, mlp_dim=768)
+VIT_SMALL = dict(num_layers=12, num_heads=6, hidden_dim=384, mlp_dim=1536)
+"""DeiT-Ti and DeiT-S (Touvron et al. 2021, Table 1): 12 blocks, 64-d heads, MLP 4x wide."""
+
+
+def vit_patch_size(small_stem: bool) -> int:
+    """4 px for small images (32 px -> an 8x8 grid, the usual CIFAR-size ViT), 16 px otherwise
+    (224 px -> 14x14, ViT-B/16's grid): the ViT's counterpart of the ResNet's small stem."""
+    return 4 if small_stem else 16
+
+
+def vit_backbone(small_stem: bool, input_size: int, **shape: int) -> ViTBackbone:
+    return ViTBackbone(input_size, vit_patch_size(small_stem), **shape)
+
+
 BACKBONES: dict[str, BackboneSpec] = {
-    "resnet18": BackboneSpec(lambda s: _torchvision_resnet("resnet18", s), 512, "torchvision ResNet-18"),
-    "resnet34": BackboneSpec(lambda s: _torchvision_resnet("resnet34", s), 512, "torchvision ResNet-34"),
-    "resnet50": BackboneSpec(lambda s: _torchvision_resnet("resnet50", s), 2048, "torchvision ResNet-50"),
-    "smallconv": BackboneSpec(lambda s: SmallConvNet(s), 256, "8-layer CNN, fast on CPU", cpu_sized=True),
-    "smallconv-s": BackboneSpec(lambda s: SmallConvNet(s, NARROW_WIDTHS), NARROW_WIDTHS[-1],
+    "resnet18": BackboneSpec(lambda s, size: _torchvision_resnet("resnet18", s), 512, "torchvision ResNet-18"),
+    "resnet34": BackboneSpec(lambda s, size: _torchvision_resnet("resnet34", s), 512, "torchvision ResNet-34"),
+    "resnet50": BackboneSpec(lambda s, size: _torchvision_resnet("resnet50", s), 2048, "torchvision ResNet-50"),
+    "smallconv": BackboneSpec(lambda s, size: SmallConvNet(s), 256, "8-layer CNN, fast on CPU", cpu_sized=True),
+    "smallconv-s": BackboneSpec(lambda s, size: SmallConvNet(s, NARROW_WIDTHS), NARROW_WIDTHS[-1],
                                 "smallconv at 3/4 width: about 1.5x its fp32 speed on AVX2", cpu_sized=True),
-    "smallconv-xs": BackboneSpec(lambda s: SmallConvNet(s, XNARROW_WIDTHS), XNARROW_WIDTHS[-1],
+    "smallconv-xs": BackboneSpec(lambda s, size: SmallConvNet(s, XNARROW_WIDTHS), XNARROW_WIDTHS[-1],
                                  "smallconv at 1/2 width: about 3x its fp32 speed on AVX2", cpu_sized=True),
-    "smallconv-xsw": BackboneSpec(lambda s: SmallConvNet(s, XNARROW_WIDE_WIDTHS), XNARROW_WIDE_WIDTHS[-1],
+    "smallconv-xsw": BackboneSpec(lambda s, size: SmallConvNet(s, XNARROW_WIDE_WIDTHS), XNARROW_WIDE_WIDTHS[-1],
                                   "smallconv-xs with a full-width last stage (256 features): 0.70x its speed; tried, not better", cpu_sized=True),
+    "vit-tiny": BackboneSpec(lambda s, size: vit_backbone(s, size, **VIT_TINY), VIT_TINY["hidden_dim"],
+                             "ViT-Ti/4 (small stem) or /16: DeiT-Tiny's transformer on torchvision's ViT", patched=True),
+    "vit-small": BackboneSpec(lambda s, size: vit_backbone(s, size, **VIT_SMALL), VIT_SMALL["hidden_dim"],
+                              "ViT-S/4 (small stem) or /16: DeiT-Small's transformer on torchvision's ViT", patched=True),
 }
 
 
@@ -88,16 +177,26 @@ def resolve_small_stem(small_stem: bool | None, input_size: int) -> bool:
     return input_size <= 64 if small_stem is None else bool(small_stem)
 
 
-def build_backbone(name: str, small_stem: bool) -> tuple[nn.Module, int]:
-    """Build the backbone ``name`` with random weights.
+def input_multiple(name: str, small_stem: bool) -> int:
+    """What every image side fed to backbone ``name`` must be a multiple of: 1 for the CNNs."""
+    return vit_patch_size(small_stem) if BACKBONES[name].patched else 1
+
+
+def build_backbone(name: str, small_stem: bool, input_size: Optional[int] = None) -> tuple[nn.Module, int]:
+    """Build the backbone ``name`` with random weights, for images of ``input_size`` px (default
+    32 with the small stem, else 224). The CNNs ignore it; a ViT sizes its position embeddings by
+    it (other sizes still work, resampled) and needs it to be a multiple of its patch size.
 
     Returns:
         ``(module, feature_dim)``; the module maps ``(B, 3, H, W)`` to ``(B, feature_dim)``.
 
     Raises:
-        ValueError: an unknown name (the message lists the known ones).
+        ValueError: an unknown name (the message lists the known ones), or an input size a ViT's
+            patches do not tile.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone '{name}' (available: {', '.join(sorted(BACKBONES))})")
     spec = BACKBONES[name]
-    return spec.builder(small_stem), spec.feature_dim
+    if input_size is None:
+        input_size = 32 if small_stem else 224
+    return spec.builder(small_stem, input_size), spec.feature_dim

@@ -184,7 +184,7 @@ def load_foreign_backbone(path: str | Path, architecture: str, input_size: int =
             or leave some of its tensors random.
     """
     try:
-        backbone, feature_dim = build_backbone(architecture, small_stem)
+        backbone, feature_dim = build_backbone(architecture, small_stem, input_size)
     except ValueError as error:
         raise CheckpointError(str(error)) from None
     report = load_init_weights(backbone, path)
