@@ -13,7 +13,7 @@ import torch
 from ssl_pretrain import cli
 from ssl_pretrain.config import ConfigError, load_config
 from ssl_pretrain.engine.optim import build_optimizer, parameter_groups, set_weight_decay, weight_decay_at
-from ssl_pretrain.methods import build_model, byol, dino, simsiam
+from ssl_pretrain.methods import build_model, byol, simsiam
 from ssl_pretrain.methods.base import Method
 
 from conftest import kill_after_checkpoint, tiny_config
@@ -167,6 +167,7 @@ def test_the_methods_name_their_known_collapse():
     cfg = tiny_config("method=dino", "dino.output_dim=1024", "dino.hidden_dim=32", "dino.bottleneck_dim=16")
     model = build_model(cfg)
     assert "uniform" in model.collapse_message(math.log(1024))
+    assert "dino.teacher_temperature 0.04" in model.collapse_message(math.log(1024))
     assert "uniform" in model.collapse_message(6.9308)  # the collapsed CIFAR-10 run's second epoch
     assert model.collapse_message(5.0) is None
     for module in (byol, simsiam):
@@ -187,6 +188,6 @@ def test_a_collapsed_run_warns_once_from_its_second_epoch(tmp_path, caplog, monk
     with caplog.at_level(logging.WARNING):
         assert cli.main(args) == 0
     warnings = [r.getMessage() for r in caplog.records if "collapse" in r.getMessage()]
-    assert len(warnings) == 1 and warnings[0].startswith("epoch 2:") and "optim.lr" in warnings[0]
+    assert len(warnings) == 1 and warnings[0].startswith("epoch 2:") and "recipes:" in warnings[0]
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "loss_mean" in line]
     assert [record.get("collapsed", False) for record in epochs] == [False, True, False]

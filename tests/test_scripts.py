@@ -134,3 +134,14 @@ def test_bench_methods_runs_two_methods_at_a_time_each_on_one_core(digits_folder
         assert yaml.safe_load((out / method / "config.yaml").read_text())["train"]["threads"] == 1
         assert "done: backbone written" in (out / f"{method}.log").read_text()
     assert "2 methods at a time, each on one core" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_trial_recipe_scores_the_validation_split_only(digits_folder, tmp_path, capsys):
+    out = tmp_path / "trials"
+    assert _load("trial_recipe").main(["--train", str(digits_folder), "--out", str(out), "--name", "t1",
+                                       "--method", "simclr", "--epochs", "1", "--memory", "100",
+                                       "--set", "train.batch_size=32", "--set", "augment.input_size=16"]) == 0
+    result = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
+    assert result["name"] == "t1" and 0 < result["knn_val"] <= 1 and result["memory"] == 100
+    assert len(result["losses"]) == 1 and result["collapsed"] is False

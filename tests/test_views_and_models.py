@@ -98,9 +98,9 @@ def test_lr_scales_with_batch_and_follows_warmup_then_cosine():
         rates.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    assert rates[9] == pytest.approx(0.06) and rates[-1] < 0.001
+    assert rates[9] == pytest.approx(0.12) and rates[-1] < 0.001
     assert all(later <= earlier for earlier, later in zip(rates[9:], rates[10:]))
-    assert math.isclose(rates[0], 0.006)
+    assert math.isclose(rates[0], 0.012)
 
 
 def test_batched_views_differ_are_seeded_and_normalised():

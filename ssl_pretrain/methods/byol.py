@@ -2,7 +2,7 @@
 -> prediction) predicts a momentum target network's projection of the other view; no negatives.
 Loss: the paper's ``2 - 2 cos(p, z')`` over both directions (Eq. 2) written as lightly's benchmark
 does, the mean of the two directions' negative cosine similarity: the paper's gradient scaled by
-1/4, the scale at which lightly's CIFAR-10 table (91.0% kNN, SGD 0.06 x bs/256) was measured. The target follows the online weights with a cosine momentum schedule."""
+1/4, the scale at which lightly's CIFAR-10 table (91.0% kNN, SGD 0.06 x bs/128) was measured. The target follows the online weights with a cosine momentum schedule."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class BYOL(Method):
     def collapse_message(self, epoch_loss: float) -> Optional[str]:
         if epoch_loss < -0.999:  # the mean cosine similarity of prediction and target is ~1
             return (f"the loss is {epoch_loss:.4f}, at its floor of -1: every image gives the same prediction "
-                    "(collapse)")
+                    "(collapse); a lower optim.lr or a longer optim.warmup_epochs usually avoids it")
         return None
 
 build = BYOL

@@ -43,7 +43,7 @@ class SimSiam(Method):
     def collapse_message(self, epoch_loss: float) -> Optional[str]:
         if epoch_loss < -0.999:  # the mean cosine similarity of prediction and target is ~1
             return (f"the loss is {epoch_loss:.4f}, at its floor of -1: every image gives the same prediction "
-                    "(collapse)")
+                    "(collapse); a lower optim.lr or a longer optim.warmup_epochs usually avoids it")
         return None
 
 build = SimSiam
