@@ -680,14 +680,16 @@ def train_epochs(cfg: Config, run: RunFolder, step: Step, loader, sampler, state
 
 def warn_if_collapsed(cfg: Config, step: Step, record: dict) -> None:
     """After an epoch, ask the method whether its loss shows the known collapse (all images mapped
-    alike: DINO's uniform output, BYOL's and SimSiam's constant prediction); warn once, naming the
-    likely fixes. The run goes on: a collapse can be left again, and the user decides."""
-    if record["loss_mean"] is None or step.collapse_warned or record["epoch"] < 2:  # the first epoch starts there
+    alike: DINO's uniform output, BYOL's and SimSiam's constant prediction); mark every such epoch
+    ``collapsed`` in the metrics and warn once, naming the likely fix. The run goes on: a collapse
+    can be left again, and the user decides."""
+    if record["loss_mean"] is None or record["epoch"] < 2:  # the first epoch starts near there
         return
     message = unwrap(step.model).collapse_message(record["loss_mean"])
     if message:
-        step.collapse_warned = True
         record["collapsed"] = True
+    if message and not step.collapse_warned:
+        step.collapse_warned = True
         log.warning("epoch %d: %s. The features stop learning while this lasts; the recipes: section of "
                     "configs/cifar10_cpu.yaml holds measured settings per method", record["epoch"], message)
 
