@@ -142,6 +142,8 @@ def main(argv=None) -> int:
     methods = [name.strip() for name in args.methods.split(",") if name.strip()]
     rows: dict[str, dict] = {}
     if args.lanes > 1:
+        if not hasattr(os, "sched_getaffinity"):
+            parser.error("--lanes pins each run to a core, which needs Linux")
         cores = sorted(os.sched_getaffinity(0))[: args.lanes]
         if len(cores) < args.lanes:
             parser.error(f"--lanes {args.lanes} needs as many cores; this process may use {len(cores)}")

@@ -122,7 +122,8 @@ def test_methods_benchmark_script_runs_each_method_and_compares_to_the_first(tmp
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two lanes need two cores")
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="two lanes need two cores (and Linux's CPU affinity)")
 def test_bench_methods_runs_two_methods_at_a_time_each_on_one_core(digits_folder, tmp_path, capsys):
     out = tmp_path / "lanes"
     assert _load("bench_methods").main(["--train", str(digits_folder), "--test", str(digits_folder), "--lanes", "2",
