@@ -55,6 +55,15 @@ class Method(nn.Module):
         return per_view(lambda images: self.projection_head(self.backbone(images)), views)
 
 
+def cosine_collapse_message(epoch_loss: float) -> Optional[str]:
+    """The collapse of the methods whose loss is a negative cosine similarity (BYOL, SimSiam): the
+    epoch's mean loss at its floor of -1, every prediction equal to its target."""
+    if epoch_loss < -0.999:
+        return (f"the loss is {epoch_loss:.4f}, at its floor of -1: every image gives the same prediction "
+                "(collapse); a lower optim.lr or a longer optim.warmup_epochs usually avoids it")
+    return None
+
+
 def per_view(network: Callable[[torch.Tensor], torch.Tensor], views: list[torch.Tensor]) -> list[torch.Tensor]:
     """``network`` applied to each view, the views of one size in one pass: BatchNorm sees the
     whole 2B batch, as in SimCLR, and one large batch runs faster than two small ones.

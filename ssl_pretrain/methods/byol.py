@@ -14,7 +14,7 @@ from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
 from pydantic import Field
 from torch import nn
 
-from ssl_pretrain.methods.base import Method, MethodSettings, cosine_momentum, follow, momentum_copy, per_view
+from ssl_pretrain.methods.base import Method, MethodSettings, cosine_collapse_message, cosine_momentum, follow, momentum_copy, per_view
 
 NAME = "byol"
 SUMMARY = "predict a momentum target's projection, no negatives"
@@ -53,9 +53,6 @@ class BYOL(Method):
         follow(self.target_projection_head, self.projection_head, momentum)
 
     def collapse_message(self, epoch_loss: float) -> Optional[str]:
-        if epoch_loss < -0.999:  # the mean cosine similarity of prediction and target is ~1
-            return (f"the loss is {epoch_loss:.4f}, at its floor of -1: every image gives the same prediction "
-                    "(collapse); a lower optim.lr or a longer optim.warmup_epochs usually avoids it")
-        return None
+        return cosine_collapse_message(epoch_loss)
 
 build = BYOL

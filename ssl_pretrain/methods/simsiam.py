@@ -12,7 +12,7 @@ from lightly.models.modules import SimSiamPredictionHead, SimSiamProjectionHead
 from pydantic import Field
 from torch import nn
 
-from ssl_pretrain.methods.base import Method, MethodSettings
+from ssl_pretrain.methods.base import Method, MethodSettings, cosine_collapse_message
 
 NAME = "simsiam"
 SUMMARY = "predict the other view's projection under a stop-gradient, no momentum"
@@ -41,9 +41,6 @@ class SimSiam(Method):
                       + self.criterion(predictions[1], projections[0].detach()))
 
     def collapse_message(self, epoch_loss: float) -> Optional[str]:
-        if epoch_loss < -0.999:  # the mean cosine similarity of prediction and target is ~1
-            return (f"the loss is {epoch_loss:.4f}, at its floor of -1: every image gives the same prediction "
-                    "(collapse); a lower optim.lr or a longer optim.warmup_epochs usually avoids it")
-        return None
+        return cosine_collapse_message(epoch_loss)
 
 build = SimSiam
