@@ -334,6 +334,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     """Defaults, then the YAML file at ``path``, then its ``variants:`` entry that fits this
     hardware (if any), then its ``recipes:`` entry for the method, then ``KEY=VALUE`` overrides.
 
+    A preset may start from another: ``extends: OTHER.yaml`` (a path relative to the preset's
+    folder) reads OTHER first and lays this file's sections over it, key by key (its variants and
+    recipes too), so a preset for another kind of data changes only what differs.
+
     A preset may hold ``variants: {CONDITION: {dotted.key: value, ...}}``, CONDITION one of
     ``VARIANT_CONDITIONS``: settings measured to be better where that condition holds (the CPU
     preset trains a narrower network where training runs in fp32). It may hold ``recipes: {METHOD:
@@ -347,15 +351,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     origin = "defaults"
     if path is not None:
         origin = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections, not {type(loaded).__name__}")
-        tree = loaded or {}
+        tree = _read_preset(Path(path))
     user = [parse_override(text) for text in overrides]
     variants = tree.pop("variants", None)
     recipes = tree.pop("recipes", None)
@@ -370,6 +366,41 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         return Config.model_validate(tree)
     except ValidationError as error:
         raise ConfigError(_format_validation_error(error, origin)) from None
+
+
+def _read_preset(path: Path, extended_by: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The preset's mapping, its ``extends:`` chain merged in (the base first)."""
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        via = f" (extended by {extended_by[-1]})" if extended_by else ""
+        raise ConfigError(f"config file not found: {path}{via}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, not {type(loaded).__name__}")
+    tree = loaded or {}
+    base = tree.pop("extends", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: 'extends' must name another preset file, not {base!r}")
+    base_path = path.parent / base
+    chain = (*extended_by, path)
+    if base_path.resolve() in {link.resolve() for link in chain}:
+        raise ConfigError(f"{path}: 'extends' loops back to {base_path}")
+    return _merged(_read_preset(base_path, chain), tree)
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``: mappings merged key by key, anything else replaced."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _check_variants(variants: Any, origin: str) -> dict[str, dict[str, Any]]:

