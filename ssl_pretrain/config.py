@@ -375,6 +375,8 @@ def _read_preset(path: Path, extended_by: tuple[Path, ...] = ()) -> dict[str, An
     except FileNotFoundError:
         via = f" (extended by {extended_by[-1]})" if extended_by else ""
         raise ConfigError(f"config file not found: {path}{via}") from None
+    except (OSError, UnicodeDecodeError) as error:  # a folder, no permission, a binary file
+        raise ConfigError(f"cannot read config file {path}: {getattr(error, 'strerror', None) or error}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
     if loaded is not None and not isinstance(loaded, dict):

@@ -99,6 +99,11 @@ def test_a_bad_extends_is_one_line(tmp_path):
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ConfigError, match="loops back"):
         load_config(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path)  # a folder, not a file
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "binary.yaml")
     (tmp_path / "num.yaml").write_text("extends: 3\n")
     with pytest.raises(ConfigError, match="must name another preset file"):
         load_config(tmp_path / "num.yaml")

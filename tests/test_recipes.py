@@ -68,9 +68,11 @@ def test_a_bad_recipe_is_a_one_line_error(tmp_path, recipes, message):
 
 
 def test_the_cpu_preset_gives_every_method_a_valid_config():
-    for name in ("simclr", "moco", "byol", "simsiam", "barlowtwins", "vicreg", "dino"):
+    for name in ("simclr", "moco", "byol", "simsiam", "barlowtwins", "vicreg", "dino", "mae"):
         cfg = load_config("configs/cifar10_cpu.yaml", [f"method={name}", "train.device=cpu"])
         assert cfg.method == name
+    mae = load_config("configs/cifar10_cpu.yaml", ["method=mae"])
+    assert mae.model.backbone == "vit-tiny" and mae.optim.name == "adamw" and mae.optim.betas == (0.9, 0.95)
 
 
 # ---------------------------------------------------------------------------------------------
