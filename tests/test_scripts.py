@@ -186,3 +186,7 @@ def test_mnist5k_to_folder_writes_a_stratified_split(tmp_path, capsys):
     assert (np.asarray(image) == pixels[index].reshape(28, 28)).all()
     with pytest.raises(SystemExit, match="fewer than"):
         module.main(["--out", str(tmp_path / "x"), "--csv", str(csv), "--test-per-class", "5"])
+    narrow = tmp_path / "narrow.csv"
+    np.savetxt(narrow, np.column_stack([pixels[:, :100], labels]), fmt="%d", delimiter=",")
+    with pytest.raises(SystemExit, match="expected rows of 784 pixels and a label"):
+        module.main(["--out", str(tmp_path / "y"), "--csv", str(narrow)])
