@@ -69,7 +69,7 @@ class AugmentConfig(_Section):
     std: tuple[float, float, float] = IMAGENET_STD
     local_views: int = Field(0, ge=0)
     """Multi-crop (SwAV, Caron et al. 2020, Sec. 3.2; DINO): this many small crops of every image on
-    top of the two full-size views, for the methods that use them (dino; DINO uses 6-10). The
+    top of the two full-size views, for the methods that use them (dino: DINO uses 6-10; simclr). The
     in-memory batch pipeline makes them (images up to 64 px)."""
     local_size: Optional[int] = None
     """Side of the local crops; default 3/7 of ``input_size`` (DINO's 96 px of 224), at least 8."""

@@ -172,9 +172,11 @@ def test_the_cpu_preset_picks_its_variant_by_hardware_and_set_still_wins(monkeyp
     monkeypatch.setattr(hardware, "fast_bf16", lambda device, *probe: devices.append(device) or False)  # fp32 hardware
     cfg = load_config(preset)
     assert cfg.variant == "no_fast_bf16" and cfg.model.backbone == "smallconv-xs"
+    assert (cfg.augment.local_views, cfg.augment.local_size) == (4, 16)  # SimCLR's multi-crop there
+    assert load_config(preset, ["method=byol"]).augment.local_views == 0  # its recipe turns the crops off
     assert load_config(preset, ["model.backbone=smallconv-s"]).model.backbone == "smallconv-s"
     load_config(preset, ["train.device=cuda:1"])
-    assert devices == ["auto", "auto", "cuda:1"]  # the device the run will use decides
+    assert devices == ["auto", "auto", "auto", "cuda:1"]  # the device the run will use decides
 
 
 def test_fast_bf16_means_amx_cuda_8_or_a_winning_probe(monkeypatch, tmp_path):

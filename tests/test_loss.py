@@ -46,3 +46,34 @@ def test_matching_views_give_a_lower_loss_than_unrelated_ones(rng):
     aligned = loss(torch.from_numpy(z), torch.from_numpy(z + 0.01 * rng.normal(size=z.shape))).item()
     unrelated = loss(torch.from_numpy(z), torch.from_numpy(rng.normal(size=z.shape))).item()
     assert aligned < unrelated
+
+
+def build_dcl(temperature: float) -> torch.nn.Module:
+    return simclr.SimCLR(torch.nn.Identity(), 16, simclr.Settings(temperature=temperature, loss="dcl")).criterion
+
+
+def dcl_reference(z_a: np.ndarray, z_b: np.ndarray, temperature: float) -> float:
+    """Decoupled contrastive loss (Yeh et al. 2022, Eq. 6), written out slowly: NT-Xent without the
+    positive pair in the denominator.
+
+    l(i, j) = -s_ij/t + log sum_{k != i, k != j} exp(s_ik/t);  L = 1/(2N) sum over both views of each image.
+    """
+    n = len(z_a)
+    z = np.concatenate([z_a, z_b])
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    total = 0.0
+    for i in range(2 * n):
+        j = (i + n) % (2 * n)
+        sims = z @ z[i]
+        total += -sims[j] / temperature + np.log(sum(np.exp(sims[k] / temperature)
+                                                     for k in range(2 * n) if k not in (i, j)))
+    return total / (2 * n)
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_decoupled_loss_matches_the_paper(temperature, rng):
+    z_a, z_b = rng.normal(size=(8, 16)), rng.normal(size=(8, 16))
+    ours = build_dcl(temperature)(torch.from_numpy(z_a), torch.from_numpy(z_b)).item()
+    assert ours == pytest.approx(dcl_reference(z_a, z_b, temperature), rel=1e-6)
+    # the positive left the denominator: DCL = NT-Xent minus the mean log of what it took away
+    assert ours < nt_xent_reference(z_a, z_b, temperature)
