@@ -4,9 +4,9 @@ of the batch as negatives (lightly's ``SimCLRProjectionHead`` and ``NTXentLoss``
 
 Options: the decoupled loss (``loss: dcl``, Yeh et al. 2022, "Decoupled Contrastive Learning":
 the positive pair leaves the denominator; lightly's ``DCLLoss``) and multi-crop
-(``augment.local_views``: SwAV's multi-crop applied to SimCLR, Caron et al. 2020, Sec. 4.3 - each
-small crop is a positive of both full-size views; the loss is the mean over those pairs and the
-global pair)."""
+(``augment.local_views``: the multi-crop of SwAV, Caron et al. 2020, which that paper also applies
+to SimCLR - each small crop is a positive of both full-size views; the loss is the mean NT-Xent
+over those pairs and the global pair)."""
 
 from __future__ import annotations
 
