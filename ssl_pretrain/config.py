@@ -342,7 +342,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     ``VARIANT_CONDITIONS``: settings measured to be better where that condition holds (the CPU
     preset trains a narrower network where training runs in fp32). It may hold ``recipes: {METHOD:
     {dotted.key: value, ...}}``: what a method needs beyond the preset's shared settings (its
-    optimiser, learning rate, crops), applied when that method is trained. ``--set`` still wins.
+    optimiser, learning rate, crops), applied when that method is trained. A variant may hold
+    ``recipes:`` too, applied after the preset's for that method where the variant applies (the CPU
+    preset's fp32 variant gives SimCLR multi-crop). ``--set`` still wins.
 
     Raises:
         ConfigError: a missing or malformed file, an unknown key or a bad value (one line).
@@ -354,11 +356,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         tree = _read_preset(Path(path))
     user = [parse_override(text) for text in overrides]
     variants = tree.pop("variants", None)
-    recipes = tree.pop("recipes", None)
+    recipes = [_check_recipes(tree.pop("recipes"), origin)] if "recipes" in tree else []
     if variants is not None:
-        _apply_variant(tree, _check_variants(variants, origin), user)
-    if recipes is not None:
-        _apply_recipe(tree, _check_recipes(recipes, origin), user)
+        # a variant's own recipes apply after the preset's: the more specific setting wins
+        recipes += _apply_variant(tree, _check_variants(variants, origin), user)
+    for recipe_set in recipes:
+        _apply_recipe(tree, recipe_set, user)
     for parts, value in user:
         _apply_override(tree, parts, value)
         origin = f"{origin} + --set"
@@ -414,6 +417,8 @@ def _check_variants(variants: Any, origin: str) -> dict[str, dict[str, Any]]:
                               f"allowed: {', '.join(VARIANT_CONDITIONS)}")
         if not isinstance(settings, dict):
             raise ConfigError(f"{origin}: variant '{condition}' must map dotted keys to values")
+        if "recipes" in settings:
+            _check_recipes(settings["recipes"], f"{origin}: variant '{condition}'")
     return variants
 
 
@@ -439,10 +444,12 @@ def _apply_recipe(tree: dict, recipes: dict[str, dict[str, Any]], user: list) ->
         tree["recipe"] = method
 
 
-def _apply_variant(tree: dict, variants: dict[str, dict[str, Any]], user: list) -> None:
-    """Apply the first variant whose condition holds on the device the run will use. Where only a
-    measurement can tell (a CPU with AVX512-BF16 but no AMX), the preset's own network is timed in
-    both precisions (``ssl_pretrain.train.probe_precisions``; a few seconds, cached per machine)."""
+def _apply_variant(tree: dict, variants: dict[str, dict[str, Any]], user: list) -> list[dict[str, dict[str, Any]]]:
+    """Apply the first variant whose condition holds on the device the run will use; returns its
+    ``recipes`` (as a one-item list; empty when it has none or no variant applies), which the
+    caller applies after the preset's. Where only a measurement can tell (a CPU with AVX512-BF16
+    but no AMX), the preset's own network is timed in both precisions
+    (``ssl_pretrain.train.probe_precisions``; a few seconds, cached per machine)."""
     from ssl_pretrain.engine.hardware import fast_bf16
 
     device = next((value for parts, value in reversed(user) if parts == ["train", "device"]), None)
@@ -451,9 +458,11 @@ def _apply_variant(tree: dict, variants: dict[str, dict[str, Any]], user: list) 
     for condition, settings in variants.items():
         if condition == "no_fast_bf16" and not fast_bf16(device, probe, workload):
             for key, value in settings.items():
-                _apply_override(tree, [part for part in str(key).split(".") if part], value)
+                if key != "recipes":
+                    _apply_override(tree, [part for part in str(key).split(".") if part], value)
             tree["variant"] = condition
-            return
+            return [settings["recipes"]] if "recipes" in settings else []
+    return []
 
 
 def _base_network_probe(tree: dict, user: list, device: str):

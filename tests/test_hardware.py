@@ -173,7 +173,7 @@ def test_the_cpu_preset_picks_its_variant_by_hardware_and_set_still_wins(monkeyp
     cfg = load_config(preset)
     assert cfg.variant == "no_fast_bf16" and cfg.model.backbone == "smallconv-xs"
     assert (cfg.augment.local_views, cfg.augment.local_size) == (4, 16)  # SimCLR's multi-crop there
-    assert load_config(preset, ["method=byol"]).augment.local_views == 0  # its recipe turns the crops off
+    assert load_config(preset, ["method=byol"]).augment.local_views == 0  # the crops are SimCLR's recipe there
     assert load_config(preset, ["model.backbone=smallconv-s"]).model.backbone == "smallconv-s"
     load_config(preset, ["train.device=cuda:1"])
     assert devices == ["auto", "auto", "auto", "cuda:1"]  # the device the run will use decides
@@ -201,6 +201,9 @@ def test_fast_bf16_means_amx_cuda_8_or_a_winning_probe(monkeypatch, tmp_path):
     ("variants: {on_tuesdays: {model.backbone: smallconv}}", "unknown variant condition 'on_tuesdays'"),
     ("variants: [model.backbone]", "'variants' must map a condition"),
     ("variants: {no_fast_bf16: {model.colour: red}}", "unknown config key 'model.colour'"),
+    ("variants: {no_fast_bf16: {recipes: {simclrr: {optim.lr: 0.1}}}}",
+     "variant 'no_fast_bf16': unknown method 'simclrr' under recipes"),
+    ("variants: {no_fast_bf16: {recipes: {simclr: 0.1}}}", "recipe 'simclr' must map dotted keys"),
 ])
 def test_a_bad_variants_section_is_one_line(tmp_path, monkeypatch, variants, message):
     from ssl_pretrain.config import ConfigError
@@ -211,6 +214,20 @@ def test_a_bad_variants_section_is_one_line(tmp_path, monkeypatch, variants, mes
     with pytest.raises(ConfigError, match=message) as error:
         load_config(path)
     assert "\n" not in str(error.value)
+
+
+def test_a_variants_recipe_applies_to_its_method_after_the_presets_recipe(tmp_path, monkeypatch):
+    path = tmp_path / "preset.yaml"
+    path.write_text("optim: {lr: 0.3}\nrecipes: {simclr: {optim.lr: 0.2}, moco: {optim.lr: 0.12}}\n"
+                    "variants: {no_fast_bf16: {optim.weight_decay: 0.001, recipes: {simclr: {optim.lr: 0.1}}}}\n")
+    monkeypatch.setattr(hardware, "fast_bf16", lambda device, *probe: True)  # the variant does not apply
+    assert load_config(path).optim.lr == 0.2
+    monkeypatch.setattr(hardware, "fast_bf16", lambda device, *probe: False)
+    cfg = load_config(path)
+    assert (cfg.variant, cfg.recipe, cfg.optim.lr, cfg.optim.weight_decay) == ("no_fast_bf16", "simclr", 0.1, 0.001)
+    moco = load_config(path, ["method=moco"])
+    assert (moco.optim.lr, moco.optim.weight_decay) == (0.12, 0.001)  # the variant's other settings still apply
+    assert load_config(path, ["optim.lr=0.5"]).optim.lr == 0.5  # --set still wins
 
 
 def test_without_amx_the_preset_network_is_probed_once_to_pick_the_variant(avx512_bf16_cpu, monkeypatch):

@@ -40,6 +40,25 @@ def test_nt_xent_matches_the_paper(temperature, rng):
     assert ours == pytest.approx(nt_xent_reference(z_a, z_b, temperature), rel=1e-6)
 
 
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_the_one_pass_nt_xent_that_simclr_trains_with_matches_the_paper(temperature, rng):
+    z_a, z_b = rng.normal(size=(8, 16)), rng.normal(size=(8, 16))
+    ours = simclr.multicrop_ntxent([torch.from_numpy(z_a), torch.from_numpy(z_b)], temperature).item()
+    assert ours == pytest.approx(nt_xent_reference(z_a, z_b, temperature), rel=1e-6)
+
+
+def test_the_one_pass_multi_crop_nt_xent_equals_lightlys_loss_per_pair_with_its_gradients(rng):
+    # 2 global views + 3 crops: pairs (0, 1) and (g, v) for g in 0, 1 and v in 2..4
+    views = [torch.tensor(rng.normal(size=(6, 8)), requires_grad=True) for _ in range(5)]
+    pairs = [(0, 1)] + [(g, v) for v in range(2, 5) for g in (0, 1)]
+    lightly_loss = build_loss(0.2)
+    reference = sum(lightly_loss(views[a], views[b]) for a, b in pairs) / len(pairs)
+    ours = simclr.multicrop_ntxent(views, 0.2)
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-9)
+    for mine, theirs in zip(torch.autograd.grad(ours, views), torch.autograd.grad(reference, views)):
+        np.testing.assert_allclose(mine.numpy(), theirs.numpy(), rtol=1e-7, atol=1e-12)
+
+
 def test_matching_views_give_a_lower_loss_than_unrelated_ones(rng):
     z = rng.normal(size=(16, 32))
     loss = build_loss(0.5)
