@@ -27,7 +27,7 @@ from PIL import Image
 
 from ssl_classifier.model import ONNX_FILE, ClassifierError, ClassifierInfo, read_info, resolve_model_dir
 from ssl_classifier.preprocess import as_pil, resize_and_crop, to_input
-from ssl_pretrain.data import UnreadableImage
+from ssl_pretrain.data import UnreadableImage, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +366,7 @@ def predict_files(classifier: Classifier, inputs: list[str], out: str | Path, fm
     listed = list(expand_inputs(inputs))  # paths only: a million names are ~100 MB, images stream
     check_labels((truth for _, truth in listed), classifier.classes)
     with_truth = any(truth is not None for _, truth in listed)
-    workers = max(1, min(8, os.cpu_count() or 1)) if workers is None else workers
+    workers = max(1, min(8, usable_cores())) if workers is None else workers
     writer, summary, started = _Writer(Path(out), fmt, top_k, with_truth), PredictionSummary(out=Path(out)), time.perf_counter()
     try:
         rows = classifier._predict_items(((path, path) for path, _ in listed), top_k, batch_size, workers)

@@ -43,6 +43,7 @@ from ssl_pretrain.data import (
     decode_workers,
     open_source,
     random_subset,
+    usable_cores,
 )
 from ssl_pretrain.engine.distributed import (
     DistInfo,
@@ -374,7 +375,7 @@ def forecast_budget(cfg: Config, step: Step, state: RunState, rate: float, steps
     log.info("measured %.0f images/s: the %g-minute budget gives about %.1f epochs", rate,
              cfg.train.time_budget_minutes, epochs)
     if epochs < FEW_EPOCHS:
-        causes = [f"{torch.get_num_threads()} compute threads on {os.cpu_count()} cores"]
+        causes = [f"{torch.get_num_threads()} compute threads on {usable_cores()} usable cores"]
         if step.device.type == "cpu" and cfg.train.precision == "bf16" and not bf16_native(step.device):
             causes.insert(0, "bf16 forced on a CPU that emulates it (set train.precision=auto)")
         log.warning("only about %.1f epochs fit in the time budget at %.0f images/s: likely causes: %s; a slow "

@@ -206,3 +206,20 @@ def test_a_tiff_with_mistyped_strip_offsets_is_unreadable_not_a_crash(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(UnreadableImage, match="Error"):
         load_image(str(path))
+
+
+def test_worker_counts_follow_the_cores_this_process_may_use(monkeypatch):
+    """Under ``taskset`` or a container's cpuset the machine has more cores than the process may
+    use; decoding and loading size their workers by the latter."""
+    import os
+
+    from ssl_pretrain.data.dataset import worker_count
+    from ssl_pretrain.data.sources import decode_workers, usable_cores
+
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert usable_cores() == 2
+    assert decode_workers() == 2 and decode_workers(ranks_per_machine=2) == 1
+    assert worker_count("auto", num_samples=10_000) == 1 and worker_count("3") == 3

@@ -32,6 +32,7 @@ from ssl_pretrain.data.sources import (
     read_labelled_list,
     read_path_list,
     scan_images,
+    usable_cores,
 )
 
 __all__ = [
@@ -39,4 +40,5 @@ __all__ = [
     "ImageSource", "SubsetSource", "UnreadableImage", "check_readable", "common_small_size", "decode_all",
     "decode_image_bytes", "decode_workers", "digits_source", "image_folder_source", "labelled_list_source",
     "load_image", "open_source", "random_subset", "read_labelled_list", "read_path_list", "scan_images", "to_rgb",
+    "usable_cores",
 ]

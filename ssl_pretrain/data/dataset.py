@@ -113,9 +113,9 @@ def worker_count(setting, num_samples: Optional[int] = None) -> int:
     """``auto``: one worker per core beyond the one that trains, at most 8; none for tiny data."""
     if setting != "auto":
         return int(setting)
-    import os
+    from ssl_pretrain.data.sources import usable_cores
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     if num_samples is not None and num_samples < 4096:
         return 0  # worker start-up costs more than augmenting a few thousand small images
     return max(0, min(8, cores - 1))

@@ -434,10 +434,16 @@ PARALLEL_DECODE_FROM = 4096
 """Fewer images than this are decoded in the calling process (starting workers costs more)."""
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: ``taskset``, a container's cpuset),
+    else the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def decode_workers(ranks_per_machine: int = 1) -> int:
-    """Processes for decoding before training starts: this process's share of the machine's cores
-    (nothing else runs yet), at most 8."""
-    return max(1, min(8, (os.cpu_count() or 1) // max(1, ranks_per_machine)))
+    """Processes for decoding before training starts: this process's share of the cores it may
+    use (nothing else runs yet), at most 8."""
+    return max(1, min(8, usable_cores() // max(1, ranks_per_machine)))
 
 
 def decode_all(source: ImageSource, size: tuple[int, int], progress: bool = True, workers: int = 0,
