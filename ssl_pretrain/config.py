@@ -204,6 +204,9 @@ class _ConfigBase(_Section):
     """The preset variant ``load_config`` applied for this hardware (informational; set by it)."""
     recipe: Optional[str] = None
     """The method whose preset recipe ``load_config`` applied (informational; set by it)."""
+    recipe_sections: list[str] = []
+    """Where that recipe was read: ``recipes.METHOD``, ``variants.CONDITION.recipes.METHOD``
+    (informational; set by ``load_config``)."""
     method: str = "simclr"
     """The pretraining method (``ssl_pretrain.methods``; ``ssl-pretrain --list-methods``). Its
     hyper-parameters are in the section of the same name (``simclr.temperature``, ``byol.momentum``)."""
@@ -356,12 +359,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         tree = _read_preset(Path(path))
     user = [parse_override(text) for text in overrides]
     variants = tree.pop("variants", None)
-    recipes = [_check_recipes(tree.pop("recipes"), origin)] if "recipes" in tree else []
+    recipes = [("recipes", _check_recipes(tree.pop("recipes"), origin))] if "recipes" in tree else []
     if variants is not None:
         # a variant's own recipes apply after the preset's: the more specific setting wins
         recipes += _apply_variant(tree, _check_variants(variants, origin), user)
-    for recipe_set in recipes:
-        _apply_recipe(tree, recipe_set, user)
+    for section, recipe_set in recipes:
+        _apply_recipe(tree, recipe_set, user, section)
     for parts, value in user:
         _apply_override(tree, parts, value)
         origin = f"{origin} + --set"
@@ -433,21 +436,22 @@ def _check_recipes(recipes: Any, origin: str) -> dict[str, dict[str, Any]]:
     return recipes
 
 
-def _apply_recipe(tree: dict, recipes: dict[str, dict[str, Any]], user: list) -> None:
+def _apply_recipe(tree: dict, recipes: dict[str, dict[str, Any]], user: list, section: str = "recipes") -> None:
     """Apply the recipe of the method the run will train (``--set method=`` or ``--method`` first,
-    then the preset's ``method``, then the default)."""
+    then the preset's ``method``, then the default); ``section`` names where it was read."""
     method = next((value for parts, value in reversed(user) if parts == ["method"]), None)
     method = str(method or tree.get("method") or Config.model_fields["method"].default)
     if method in recipes:
         for key, value in recipes[method].items():
             _apply_override(tree, [part for part in str(key).split(".") if part], value)
         tree["recipe"] = method
+        tree.setdefault("recipe_sections", []).append(f"{section}.{method}")
 
 
-def _apply_variant(tree: dict, variants: dict[str, dict[str, Any]], user: list) -> list[dict[str, dict[str, Any]]]:
+def _apply_variant(tree: dict, variants: dict[str, dict[str, Any]], user: list) -> list[tuple[str, dict]]:
     """Apply the first variant whose condition holds on the device the run will use; returns its
-    ``recipes`` (as a one-item list; empty when it has none or no variant applies), which the
-    caller applies after the preset's. Where only a measurement can tell (a CPU with AVX512-BF16
+    ``recipes`` as ``[(section name, recipes)]`` (empty when it has none or no variant applies),
+    which the caller applies after the preset's. Where only a measurement can tell (a CPU with AVX512-BF16
     but no AMX), the preset's own network is timed in both precisions
     (``ssl_pretrain.train.probe_precisions``; a few seconds, cached per machine)."""
     from ssl_pretrain.engine.hardware import fast_bf16
@@ -461,7 +465,7 @@ def _apply_variant(tree: dict, variants: dict[str, dict[str, Any]], user: list) 
                 if key != "recipes":
                     _apply_override(tree, [part for part in str(key).split(".") if part], value)
             tree["variant"] = condition
-            return [settings["recipes"]] if "recipes" in settings else []
+            return [(f"variants.{condition}.recipes", settings["recipes"])] if "recipes" in settings else []
     return []
 
 

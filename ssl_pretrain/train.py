@@ -582,12 +582,12 @@ def _pretrain(cfg: Config, out_dir: str | Path, resume: bool, overwrite: bool, p
         log.info("run %s on %s%s: %s on %s, %d epochs%s, peak lr %.4g", run.path, device,
                  f" x {dist_info.world_size} ranks" if dist_info.enabled else "", cfg.method, cfg.model.backbone,
                  cfg.train.epochs, budget, scaled_lr(cfg.optim, cfg.train.batch_size))
-        if cfg.recipe:
-            log.info("preset recipe for %s applied: the settings under recipes.%s of the preset, before --set",
-                     cfg.recipe, cfg.recipe)
         if cfg.variant:
             log.info("preset variant '%s' applied (%s): the settings under variants.%s of the preset, "
                      "before --set", cfg.variant, VARIANT_CONDITIONS[cfg.variant], cfg.variant)
+        if cfg.recipe:
+            log.info("preset recipe for %s applied: the settings under %s of the preset, before --set",
+                     cfg.recipe, " then ".join(cfg.recipe_sections) or f"recipes.{cfg.recipe}")
         step = make_step(cfg, model, optimizer, scheduler, device, dist_info, len(sampler) * cfg.train.epochs)
         step.clock = clock
         if monitor is None and cfg.monitor.train and cfg.monitor.val:

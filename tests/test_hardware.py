@@ -225,6 +225,7 @@ def test_a_variants_recipe_applies_to_its_method_after_the_presets_recipe(tmp_pa
     monkeypatch.setattr(hardware, "fast_bf16", lambda device, *probe: False)
     cfg = load_config(path)
     assert (cfg.variant, cfg.recipe, cfg.optim.lr, cfg.optim.weight_decay) == ("no_fast_bf16", "simclr", 0.1, 0.001)
+    assert cfg.recipe_sections == ["recipes.simclr", "variants.no_fast_bf16.recipes.simclr"]  # what the log names
     moco = load_config(path, ["method=moco"])
     assert (moco.optim.lr, moco.optim.weight_decay) == (0.12, 0.001)  # the variant's other settings still apply
     assert load_config(path, ["optim.lr=0.5"]).optim.lr == 0.5  # --set still wins
