@@ -50,6 +50,14 @@ def test_throughput_script_times_the_augmentation_alone(digits_folder, capsys):
     assert "(grey images: colour steps skipped)" in out  # the digits are grey
 
 
+def test_loss_benchmark_script_times_both_losses_and_the_step(capsys):
+    assert _load("bench_loss").main(["--config", "configs/demo_digits.yaml", "--rounds", "1", "--crops", "1"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split(" |")[0] for line in out.splitlines() if line.startswith("| 2 + ")] == [
+        "| 2 + 0", "| 2 + 2", "| 2 + 4", "| 2 + 6"]
+    assert "| one-pass loss (ssl-pretrain) |" in out and "one-pass / per-pair images/s:" in out
+
+
 def test_knn_benchmark_script_agrees_across_methods(capsys):
     assert _load("bench_knn").main(["--train", "2000", "--queries", "300", "--dim", "32", "--k", "50"]) == 0
     table = capsys.readouterr().out
