@@ -135,7 +135,9 @@ def test_two_ranks_stop_together_at_a_time_budget(tmp_path):
     assert result.stderr.count("time budget of 0.2 min reached") == 1
     assert (out / "backbone.safetensors").exists()
     state = load_checkpoint(out / "checkpoints" / "last.pt")
-    assert 0 < state["clock"]["elapsed_s"] < 12.0 and state["global_step"] > 2
+    # the run stops when one more step as long as the last would pass the budget; a step slower than
+    # the one before (a loaded machine) may end a fraction of a second past it (CI: 12.05 s once)
+    assert 0 < state["clock"]["elapsed_s"] < 12.0 + 1.0 and state["global_step"] > 2
     assert state["global_step"] < 10000 * 2  # stopped by the budget, not the epochs
 
 
