@@ -60,10 +60,9 @@ PIXEL_SIZE_CAP = 16
 """Raw-pixel baseline at the checkpoint's input size, but at most 16 px (768 values). At 224 px
 it would be 150,528 values per image, too many for kNN and logistic regression to be useful; and
 on CIFAR-10 the smaller image is the *stronger* baseline as well as the cheaper one
-(``python scripts/bench_pixels.py``, 2026-12-01, 2 Xeon cores): kNN 40.4% / 41.1% / 41.6% at 32 /
-16 / 8 px (72 / 15 / 4 s), logistic regression with 10% of the labels 38.0% / 38.4% / 39.0% (51 /
-4 / 2 s). 16 px rather than 8 because the cap applies to every dataset and only CIFAR-10 was
-measured: 8 px may erase detail that other images need (not measured)."""
+(``python scripts/bench_pixels.py``; BENCHMARKS.md, "Evaluation"). 16 px rather than 8 because
+the cap applies to every dataset and only CIFAR-10 was measured: 8 px may erase detail that
+other images need."""
 IN_MEMORY_BYTES = TENSOR_PIPELINE_AUTO_BYTES
 """Small images of one size are decoded once into memory for extraction up to this many bytes
 (CIFAR-10's 60,000 images: 184 MB): the limit of ``data.pipeline=auto`` in pretraining."""

@@ -10,10 +10,9 @@ Two search back-ends give the same (exact) neighbours:
 
 - ``torch``: blocks of queries times all training features (one matrix product) and
   ``torch.topk``; the default on a GPU, where the features already are.
-- ``faiss``: ``faiss.IndexFlatIP``, exact; the default on the CPU, where faiss 1.15 measured
-  faster than the torch product here (1.8 s against 2.5 s for 50,000 x 10,000, 512-d, k=200 on
-  2 cores; ``scripts/bench_knn.py``; earlier faiss releases were reported several times slower
-  with large k, which is why both stay selectable).
+- ``faiss``: ``faiss.IndexFlatIP``, exact; the default on the CPU, where faiss measured faster
+  than the torch product (``scripts/bench_knn.py``; BENCHMARKS.md, "Evaluation"). Earlier faiss
+  releases were reported several times slower with large k, which is why both stay selectable.
 
 Above ``EXACT_BELOW`` training features, exact search stops being cheap (a million 512-d
 features times 10,000 queries is 5e12 multiply-adds), and the ``index`` option can trade a little
@@ -61,14 +60,13 @@ EXACT_BELOW = 1_000_000
 IVF_FROM_QUERIES = 25_000
 """``index="auto"`` searches exactly below this many training features, with ``ivf`` from there."""
 IVF_TRAIN_POINTS_PER_LIST = 64
-"""k-means sample per IVF list; faiss asks for 39 to 256. With 64, building the IVF index of a
-million 512-d features (4,000 lists, k-means on 256,000 of them, then adding all) took 106-112 s
-on 2 busy CPU cores (``scripts/bench_ann.py``); 256 per list would be about four times the k-means."""
+"""k-means sample per IVF list; faiss asks for 39 to 256. 64 keeps the k-means, the dearest part
+of building the index, at a quarter of what 256 would cost (``scripts/bench_ann.py``;
+BENCHMARKS.md, "Scale")."""
 DEFAULT_NPROBE = 64
-"""IVF lists scanned per query, about sqrt(nlist) at a million features. Measured there
-(``scripts/bench_ann.py``, 2 cores, 10,000 queries): search 27 s against 89 s exact; recall@20
-0.98 and recall@200 0.86 on overlapping Gaussian clusters (1.00 on well separated ones); 128
-lists: 53 s, recall@200 0.88. Raise it when the logged recall is too low."""
+"""IVF lists scanned per query, about sqrt(nlist) at a million features: several times faster
+than exact search, with recall@200 a little under 0.9 on hard (overlapping) clusters
+(``scripts/bench_ann.py``; BENCHMARKS.md, "Scale"). Raise it when the logged recall is too low."""
 HNSW_M = 32
 """Neighbours per HNSW node (faiss's usual 32): more links, better recall, slower build."""
 HNSW_EF_SEARCH = 128
@@ -321,8 +319,7 @@ def search_neighbours(train_features, query_features, k: int, backend: str = "au
         query_features: ``(Q, D)``.
         k: neighbours per query, clamped to ``N``.
         backend: ``auto`` (faiss on the CPU, torch on a GPU), ``torch`` (matrix product +
-            top-k) or ``faiss`` (``IndexFlatIP``). Measured on 2 CPU cores, 50,000 x 10,000
-            queries, 512-d, k=200: faiss 1.8 s, torch 2.5 s (``scripts/bench_knn.py``).
+            top-k) or ``faiss`` (``IndexFlatIP``; the faster on a CPU, ``scripts/bench_knn.py``).
         batch_size: queries per block for ``torch``; default keeps a block under 256 MB.
         device: where to compute; default: where ``train_features`` already is.
         index: ``exact`` (the default here), ``ivf``, ``hnsw`` (faiss approximate indexes, see

@@ -10,15 +10,14 @@ Two kinds of copy are counted as leaks:
   pretrained (ssl) features *and* whose pixels, both images at 32 x 32 with each image's mean
   removed, correlate >= 0.95 with it: the same picture re-encoded, resized or slightly retouched.
 
-Why both conditions. On CIFAR-10 with the 15-minute CPU backbone, the 100 test images with a
-training image at >= 0.99 in ssl features were, looked at side by side, nearly all the same
-photograph (31 of them also >= 0.95 in pixels; the others mirrored, shifted or cropped copies).
-But a weak backbone puts different images that close too: the README's 40-second digits backbone
-has 410 of 450 test digits at >= 0.99, distinct handwritten digits among them, and a pixel
-check alone cannot tell either: distinct 8 x 8 digits correlate up to 0.99. Requiring both keeps
-the warning for copies (17 of the 450 digits are, to the pixel, the same drawing at 8 x 8) and
-the count at ssl >= 0.99 alone is recorded as ``similar_in_features`` for a closer look with
-``ssl-dedup``. Mirrored or cropped copies are therefore not counted: the figure is a lower bound.
+Why both conditions. With a well-trained backbone, test images at >= 0.99 in ssl features are,
+looked at side by side, nearly all the same photograph. But a weak backbone (the README's short
+digits demo) puts most test images that close to some training image, distinct handwritten
+digits among them, and a pixel check alone cannot tell either: distinct 8 x 8 digits can
+correlate almost perfectly. Requiring both keeps the warning for copies, and the count at
+ssl >= 0.99 alone is recorded as ``similar_in_features`` for a closer look with ``ssl-dedup``
+(the counts: BENCHMARKS.md, "Selection and duplicates"). Mirrored or cropped copies are
+therefore not counted: the figure is a lower bound.
 """
 
 from __future__ import annotations

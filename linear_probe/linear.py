@@ -114,7 +114,7 @@ def evaluate_linear(train_features: np.ndarray, train_labels: np.ndarray, val_fe
     head = build_linear_head(train_features, num_classes).to(device)
     batches = feature_batches(train_features, train_labels, batch_size, seed)
     # A linear layer on a batch of features is too small a product to share between CPU threads:
-    # one thread is faster, and 50x faster on a busy machine.
+    # one thread is faster, and far faster on a busy machine.
     with _torch_threads(1 if torch.device(device).type == "cpu" else None):
         return _train_and_score(head, head, batches, (val_features, val_labels), (test_features, test_labels),
                                 epochs, lr, weight_decay, patience, device)

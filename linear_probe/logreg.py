@@ -32,7 +32,7 @@ rises then falls along C, and the weakly regularised fits at the end are the slo
 SMALL_PROBLEM = 1 << 22
 """Training matrices with fewer values than this (e.g. 8,000 x 512) are fit on one BLAS thread:
 lbfgs then makes many small matrix products, for which threads that spin while they wait cost
-more than they give (50x slower on a busy machine). Larger ones use every core."""
+more than they give (far more on a busy machine). Larger ones use every core."""
 
 
 def _class_scores(model: LogisticRegression, features: np.ndarray, num_classes: int) -> np.ndarray:

@@ -31,8 +31,7 @@ VALIDATION_SHARE = 0.25
 """Validation images scored per epoch, at most, as a share of the training images of the epoch
 (``validation_interval``). A training image costs about three forward passes (forward, backward),
 so validation then costs at most a twelfth of training. With 10% of CIFAR-10 (4,500 images, 5,000
-validation) that is every 5th epoch: fine-tuning at 0.81-0.83x its bare step with validation
-included (every 3rd epoch: 0.78-0.81x; every epoch: 0.65-0.71x; BENCHMARKS.md section 9)."""
+validation) that is every 5th epoch (what that buys: BENCHMARKS.md, "Evaluation")."""
 MIN_VALIDATIONS = 5
 """Validation scores per run, at least, however few the training images."""
 
@@ -41,8 +40,8 @@ def validation_interval(n_train: int, n_val: int, epochs: int) -> int:
     """Epochs between validation scores when training on images, so that scoring the validation
     set costs little beside training: at most ``VALIDATION_SHARE`` x ``n_train`` images scored per
     epoch on average, but at least ``MIN_VALIDATIONS`` scores in ``epochs``. With 1% of CIFAR-10
-    (450 images) and 5,000 validation images, validating every epoch cost 3.7 times the training;
-    every 6th epoch of 30 (the floor of 5 scores) it costs 0.6 times it.
+    (450 images) and 5,000 validation images, scoring every epoch would cost several times the
+    training itself; every 6th epoch of 30 (the floor of 5 scores) costs less than it.
     """
     wanted = math.ceil(n_val / max(VALIDATION_SHARE * n_train, 1))
     return max(1, min(wanted, epochs // MIN_VALIDATIONS))

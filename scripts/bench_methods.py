@@ -1,4 +1,4 @@
-"""Every pretraining method at one CPU time budget, side by side (BENCHMARKS.md section 10).
+"""Every pretraining method at one CPU time budget, side by side (BENCHMARKS.md, "Methods at one CPU budget").
 
 Each method pretrains with the CPU preset (``configs/cifar10_cpu.yaml``, its heads for that method)
 for the same wall-clock budget on 90% of the labelled training folder; the other 10% is the

@@ -64,7 +64,7 @@ def _torch_runner(model_dir: Path, device: str, threads: int | None) -> Callable
         from ssl_pretrain.engine.allocator import keep_freed_memory
 
         keep_freed_memory()  # activations reuse heap blocks instead of fresh mmap pages every batch
-    # channels-last: 16-23% faster convolutions on CPUs too (BENCHMARKS.md, section 1)
+    # channels-last: faster convolutions on CPUs too (BENCHMARKS.md, "Pretraining throughput")
     network = network.to(target).to(memory_format=torch.channels_last)
     if threads:
         torch.set_num_threads(threads)
@@ -216,7 +216,8 @@ def _prepared_batches(items: Iterable[tuple[str, Any]], size: int, batch_size: i
 
     With ``workers``, batches are decoded by that many processes, up to ``workers + prefetch``
     batches ahead of the network. Processes, not threads: opening a PNG is mostly Python code
-    in Pillow (chunk parsing), which holds the GIL - measured, threads gave no speed-up at all.
+    in Pillow (chunk parsing), which holds the GIL, so threads gave no speed-up (BENCHMARKS.md,
+    "Classifier latency").
     """
     if workers <= 0:
         yield from (_prepare_chunk(chunk, size) for chunk in _chunks(items, batch_size))

@@ -13,18 +13,14 @@ Three questions, one module:
   the check of Barz & Denzler 2020 ("Do we train on test data? Purging CIFAR of near-duplicates",
   the ciFAIR paper), who found 3.3% of CIFAR-10's test images duplicated in its training set.
 
-``DEFAULT_THRESHOLD`` = 0.99, measured rather than guessed. An image and its re-encoded copy (JPEG
-at quality 95, 5% brighter) score >= 0.994 with every feature tried (centred digit pixels, a random
-and a trained ``smallconv``), while SimCLR features come out of a ReLU, are all non-negative, and
-put *different* images close: with a 15-minute CPU ``smallconv`` on CIFAR-10, the median test
-image has a neighbour at 0.93, and 44% of the test images have a training image at >= 0.95 (most
-of them only the same kind of picture), 4.2% at >= 0.98, 1.1% at >= 0.99; inspected by eye, the
-pairs at >= 0.99 were the same photograph, those at 0.97 were not. On the digits, distinct
-images reach 0.966 (centred pixels). A copy shifted by one pixel is another matter: 0.985-1.00
-with the trained CIFAR backbone, but down to 0.945 with a random one (and 0.44 in centred
-pixels), so only a backbone trained with crops makes shifts near duplicates. A better backbone
-spreads different images apart and may allow a lower threshold; look at ``duplicates.png``
-before trusting a new one.
+``DEFAULT_THRESHOLD`` = 0.99, measured rather than guessed (BENCHMARKS.md, "Selection and
+duplicates"). An image and its re-encoded copy score above it with every feature tried, while
+SimCLR features come out of a ReLU, are all non-negative, and put *different* images close: with
+a short CPU backbone on CIFAR-10, pairs at >= 0.99 were the same photograph by eye, pairs at 0.97
+only the same kind of picture. A copy shifted by one pixel stays near only with a backbone
+trained with crops (not with a random one, nor in pixels). A better backbone spreads different
+images apart and may allow a lower threshold; look at ``duplicates.png`` before trusting a new
+one.
 """
 
 from __future__ import annotations

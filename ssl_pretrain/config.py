@@ -153,12 +153,12 @@ class TrainConfig(_Section):
     """``auto`` (CUDA, then MPS, then CPU), or any torch device string."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """``auto``: bf16 autocast where the hardware runs bf16 natively - CUDA from compute
-    capability 8, CPUs with AMX or AVX512-BF16 (1.6-3x faster than fp32 there) - and fp32
-    elsewhere, where bf16 is emulated and 10-40x slower (``ssl_pretrain.engine.hardware``). A forced
-    ``bf16`` on such a CPU runs with a warning."""
+    capability 8, CPUs with AMX or AVX512-BF16 (faster than fp32 there) - and fp32 elsewhere,
+    where bf16 is emulated and much slower (``ssl_pretrain.engine.hardware``; BENCHMARKS.md,
+    "Pretraining throughput"). A forced ``bf16`` on such a CPU runs with a warning."""
     channels_last: Optional[bool] = None
-    """Default: on for CUDA and CPU (oneDNN convolutions train 16-23% faster channels-last on
-    the CPU measured), off for MPS."""
+    """Default: on for CUDA and CPU (oneDNN's convolutions train faster channels-last; BENCHMARKS.md,
+    "Pretraining throughput"), off for MPS."""
     compile: bool = False
     """``torch.compile`` the model (GPU; slow to start)."""
     sync_batchnorm: bool = False
@@ -175,8 +175,8 @@ class TrainConfig(_Section):
     """torch intra-op threads; default leaves torch's choice."""
     keep_freed_memory: bool = True
     """CPU runs on Linux: let glibc's heap keep freed blocks for reuse instead of mapping fresh
-    pages for every multi-megabyte tensor (``ssl_pretrain.engine.allocator``; 5-30% faster steps and
-    augmentation on the CPU measured; the process keeps its peak memory)."""
+    pages for every multi-megabyte tensor (``ssl_pretrain.engine.allocator``: faster steps and
+    augmentation, BENCHMARKS.md "Pretraining throughput"; the process keeps its peak memory, "Memory")."""
 
 
 class MonitorConfig(_Section):

@@ -481,8 +481,8 @@ def probe_precisions(cfg: Config, device: torch.device, channels_last: bool) -> 
 def make_step(cfg: Config, model: Method, optimizer, scheduler, device: torch.device,
               dist_info: DistInfo = DistInfo(), total_steps: int = 0) -> Step:
     """Resolve precision, memory format, ``DistributedDataParallel`` and ``torch.compile`` once."""
-    # channels-last: tensor cores on GPUs; oneDNN's convolutions on CPUs (+16% smallconv, +23%
-    # ResNet-18 training on 2 Xeon cores, BENCHMARKS.md section 1)
+    # channels-last: tensor cores on GPUs; oneDNN's faster convolutions on CPUs
+    # (BENCHMARKS.md, "Pretraining throughput")
     channels_last = device.type in ("cuda", "cpu") if cfg.train.channels_last is None else cfg.train.channels_last
     # bf16 only where the hardware runs it natively and faster (a probe decides where unclear)
     probe = None if dist_info.enabled else lambda: probe_precisions(cfg, device, channels_last)
@@ -604,18 +604,17 @@ def _pretrain(cfg: Config, out_dir: str | Path, resume: bool, overwrite: bool, p
 
 def warn_large_backbone_on_cpu(cfg: Config, device: torch.device) -> bool:
     """Without ``--config`` the defaults are the ResNet-18 GPU recipe (lightly's CIFAR-10
-    benchmark), about 35 images/s on 2 CPU cores; on a CPU the log says so and names the CPU
-    preset (420 images/s fp32 on AVX2, 1,300 with native bf16). The default stays the same on
+    benchmark), slow on a CPU; there the log says so and names the CPU preset, whose network trains
+    many times faster (BENCHMARKS.md, "Pretraining throughput"). The default stays the same on
     every device, so that one command means one recipe everywhere. Returns whether it warned."""
     if device.type != "cpu" or BACKBONES[cfg.model.backbone].cpu_sized:
         return False
     if BACKBONES[cfg.model.backbone].patched:
-        log.warning("training %s on a CPU: the ViTs run 5-10x slower than smallconv there (vit-tiny at 32 px: about "
-                    "30 images/s forward+backward on 2 cores); --config configs/cifar10_cpu.yaml trains a CPU-sized "
-                    "CNN", cfg.model.backbone)
+        log.warning("training %s on a CPU: the ViTs run several times slower than smallconv there; "
+                    "--config configs/cifar10_cpu.yaml trains a CPU-sized CNN", cfg.model.backbone)
         return True
-    log.warning("training %s on a CPU: about 35 images/s on 2 cores for ResNet-18 (the default, a GPU recipe); "
-                "--config configs/cifar10_cpu.yaml trains a CPU-sized network 10-40x faster", cfg.model.backbone)
+    log.warning("training %s on a CPU: a GPU-sized network (the default recipe is a GPU one), slow here; "
+                "--config configs/cifar10_cpu.yaml trains a CPU-sized network many times faster", cfg.model.backbone)
     return True
 
 

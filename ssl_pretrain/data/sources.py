@@ -451,9 +451,8 @@ def decode_all(source: ImageSource, size: tuple[int, int], progress: bool = True
     """Decode every image of ``source`` into one uint8 array ``(N_ok, H, W, 3)``.
 
     Images of another size are resized to ``size`` (width, height); unreadable ones are left
-    out. About 0.12 ms an image for 32 px JPEGs on one core (Pillow's open + load is most of it;
-    7 s for CIFAR-10's 50,000), done once a run; ``workers`` > 1 spreads it over loader
-    processes (in source order).
+    out. Done once a run (Pillow's open + load is most of the cost; BENCHMARKS.md, "Evaluation");
+    ``workers`` > 1 spreads it over loader processes (in source order).
 
     Args:
         resize: off: an image of another size stops the decoding and the result is ``None``.

@@ -4,9 +4,9 @@ torch's CPU tensors come from ``malloc``. glibc serves blocks above its mmap thr
 ``mmap`` pages and gives freed heap memory back to the system above its trim threshold, so a
 training step that allocates the same multi-megabyte activations every iteration pays a page
 fault per 4 KiB page, every time. Raising both thresholds lets the heap keep and reuse those
-blocks: measured on 2 Xeon cores, the batched SimCLR augmentation of 128 CIFAR images runs in
-9 ms instead of 13 ms, and the CPU preset's bare training step 5% faster (BENCHMARKS.md section 1).
-The price: the process keeps its peak heap instead of returning it between steps.
+blocks, which speeds up both the batched augmentation and the training step (BENCHMARKS.md,
+"Pretraining throughput"). The price: the process keeps its peak heap instead of returning it
+between steps (BENCHMARKS.md, "Memory").
 
 The same effect as ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...`` or preloading jemalloc /
 tcmalloc (Intel's advice for PyTorch on CPUs), without touching the environment.

@@ -1,16 +1,15 @@
 """What the hardware runs fast: bf16 where it is native, fp32 elsewhere.
 
-bf16 autocast is 1.6x (smallconv) to 3x (ResNet-18) faster than fp32 on a CPU with AMX
-(BENCHMARKS.md section 1), and 10-40x *slower* on one without bf16 instructions, where oneDNN
-emulates it (a 2-core AMD EPYC with AVX2: 35 images/s instead of 420 for the CPU preset, issue
-#12). So ``precision: auto`` asks the hardware instead of trusting a preset:
+bf16 autocast is much faster than fp32 on a CPU with AMX, and many times *slower* on one without
+bf16 instructions, where oneDNN emulates it (BENCHMARKS.md, "Pretraining throughput"). So
+``precision: auto`` asks the hardware instead of trusting a preset:
 
 * CUDA: bf16 from compute capability 8 (Ampere) on, where tensor cores run it;
-* CPU with AMX tiles: bf16 (1.6-3x measured);
-* CPU with AVX512-BF16 but no AMX: not clear-cut - on 2 Xeon cores without AMX tiles bf16
-  autocast trained smallconv at 0.8x its fp32 speed (2026-12-01), so a few-second probe times
-  both on the run's own network and keeps the faster; the answer is cached per machine and
-  workload (``precision_cache_path``) and said in the log;
+* CPU with AMX tiles: bf16;
+* CPU with AVX512-BF16 but no AMX: not clear-cut - the same CPU model has trained faster in bf16
+  on one day and slower on another (BENCHMARKS.md, "Pretraining throughput"), so a few-second
+  probe times both on the run's own network and keeps the faster; the answer is cached per
+  machine and workload (``precision_cache_path``) and said in the log;
 * native bf16 counts only if ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) does not hold
   oneDNN below it - that is how an AMX machine is made to behave like an AVX2 one, and oneDNN
   obeys it, so must we;
@@ -38,8 +37,8 @@ AMX_ISAS = tuple(isa for isa in BF16_ISAS if "AMX" in isa or isa in ("ALL", "DEF
 BF16_PROBE_MARGIN = 1.1
 """bf16 must train this much faster than fp32 in the probe to be chosen (fp32 is exact)."""
 EMULATED_BF16_SLOWDOWN = "10-40x"
-"""bf16 autocast on a CPU without bf16 instructions, against fp32 (issue #12: 35.5 vs ~420
-images/s for the CPU preset on a 2-core AMD EPYC with AVX2)."""
+"""bf16 autocast on a CPU without bf16 instructions, against fp32, as the warning words it
+(BENCHMARKS.md, "Pretraining throughput")."""
 
 
 def onednn_isa_cap() -> str | None:

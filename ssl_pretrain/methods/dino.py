@@ -35,8 +35,8 @@ class Settings(MethodSettings):
     """Teacher temperature from ``warmup_teacher_temperature`` to ``teacher_temperature``, linearly
     over the first 10% of training; student 0.1 (Sec. 3.1). 0.04 throughout is the authors' code's
     default (main_dino.py: "anything above 0.07 is unstable... start with 0.04") and lightly's; the
-    paper's 0.04 -> 0.07 is for ViT-S/16 over 300 epochs. With 0.07 a 3-epoch CIFAR-10 trial of the
-    CPU preset collapsed to the uniform output (loss ln K); 0.04 learnt (BENCHMARKS.md section 10)."""
+    paper's 0.04 -> 0.07 is for ViT-S/16 over 300 epochs; in short CPU trials it collapsed to the
+    uniform output (loss ln K) where 0.04 learnt (BENCHMARKS.md, "Methods at one CPU budget")."""
     batch_norm: bool = False
     """BatchNorm in the head's MLP: off in the paper (ViT), on in lightly's ResNet CIFAR-10 benchmark."""
     freeze_last_layer_fraction: float = Field(0.0, ge=0, le=1)

@@ -66,9 +66,8 @@ def multicrop_ntxent(projections: list[torch.Tensor], temperature: float) -> tor
     further view against each global view - with two views, SimCLR's loss. Equal (values and
     gradients) to the mean of lightly's ``NTXentLoss`` over those pairs, which for each pair forms
     four B x B products and masks them by indexing; here one product of the global views against
-    all views, and one per extra view for its own block, serve every pair (``scripts/bench_loss.py``:
-    4.7x faster forward + backward with 2 + 4 views, batch 128, on 2 AMD EPYC cores; the whole
-    step 1.2x; BENCHMARKS.md section 2).
+    all views, and one per extra view for its own block, serve every pair, which makes the loss and
+    the multi-crop step cheaper (``scripts/bench_loss.py``; BENCHMARKS.md, "Pretraining throughput").
 
     For anchor i of view a paired with view b: ``-log(exp(s(a_i, b_i)) / sum over j of
     [exp(s(a_i, b_j)) + exp(s(a_i, a_j)) for j != i])``, ``s`` the cosine similarity / temperature;
