@@ -10,12 +10,11 @@ import argparse
 import logging
 import sys
 
-from linear_probe.errors import EvaluationError
-from linear_probe.evaluate import METHODS, EvaluationSettings, evaluate
+from linear_probe.evaluate import evaluate
+from linear_probe.inputs import METHODS, EvaluationSettings
 from linear_probe.knn import DEFAULT_NPROBE, EXACT_BELOW, INDEXES, IVF_FROM_QUERIES, KNN_PROTOCOLS
 from linear_probe.splits import LABEL_SELECTIONS, parse_label_budgets
-from ssl_pretrain.checkpoint import CheckpointError
-from ssl_pretrain.data import DataError
+from ssl_pretrain.errors import SSLError
 
 PROG = "linear-probe"
 DEFAULTS = EvaluationSettings()
@@ -169,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
         result = evaluate(args.checkpoint, args.train, args.out, test=args.test, val=args.val, settings=settings,
                           arch=args.arch, input_size=args.input_size)
-    except (DataError, CheckpointError, EvaluationError) as error:
+    except SSLError as error:
         message = " ".join(str(error).split("\n"))
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2

@@ -24,11 +24,13 @@ import torch.distributed as dist
 
 from linear_probe.embeddings import Embeddings, _assemble, extract_embeddings, save_embeddings
 from linear_probe.errors import EvaluationError
-from ssl_pretrain.checkpoint import CheckpointError, load_backbone
+from ssl_pretrain.augment.transforms import build_eval_transform
+from ssl_pretrain.checkpoint import load_backbone
 from ssl_pretrain.data import DataError, SubsetSource, open_source
+from ssl_pretrain.engine.devices import resolve_device
 from ssl_pretrain.engine.distributed import DistInfo, init_distributed, shutdown
 from ssl_pretrain.engine.run_folder import setup_console_logging
-from ssl_pretrain.augment.transforms import build_eval_transform
+from ssl_pretrain.errors import SSLError
 
 log = logging.getLogger("ssl_pretrain")
 
@@ -95,8 +97,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_console_logging()
     dist_info = DistInfo()
     try:
-        from ssl_pretrain.train import resolve_device
-
         dist_info, rank_device = init_distributed(args.device)
         device = rank_device or resolve_device(args.device)
         backbone, info = load_backbone(args.checkpoint)
@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("%d x %d features of %s written to %s in %.1f s (%d ranks; %d unreadable skipped)",
                      *embeddings.features.shape, args.data, args.out, time.perf_counter() - started,
                      dist_info.world_size, len(embeddings.skipped))
-    except (CheckpointError, DataError, EvaluationError, ValueError) as error:
+    except (SSLError, ValueError) as error:
         print(f"ssl-embed: error: {error}", file=sys.stderr)
         return 2
     finally:

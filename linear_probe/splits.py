@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from linear_probe.errors import EvaluationError
+from ssl_curate.selection import select_indices
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +115,8 @@ def select_label_subset(features: np.ndarray, budget: LabelBudget, num_classes: 
     picks for ``budget``, without labels; ``label_count`` of them.
 
     Raises:
-        EvaluationError: an unknown strategy (``ssl_curate.selection.SelectionError``).
+        SelectionError: an unknown strategy (``ssl_curate.selection``).
     """
-    from ssl_curate.selection import select_indices  # ssl_curate imports linear_probe, not the reverse at load
-
     unit = features / np.linalg.norm(features, axis=1, keepdims=True).clip(min=1e-12)
     count = label_count(budget, len(features), num_classes)
     return np.sort(select_indices(unit, count, strategy, seed))

@@ -16,15 +16,9 @@ only (0: skip), against its own exact reference. Prints a Markdown table.
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
 import resource
-import shlex
 import sys
 import tempfile
-import time
-from datetime import datetime
 from pathlib import Path
 
 import faiss
@@ -32,6 +26,8 @@ import numpy as np
 
 from linear_probe.embeddings import load_embeddings
 from linear_probe.knn import build_index, recall_at_k
+
+import benchmarking
 
 
 def write_clustered(path: Path, count: int, dim: int, centres: np.ndarray, spread: float, seed: int,
@@ -47,31 +43,22 @@ def write_clustered(path: Path, count: int, dim: int, centres: np.ndarray, sprea
     del features
 
 
-def machine() -> str:
-    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
-    return (f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-            f"{memory_gb:.0f} GB RAM, load average {load} at start, faiss {faiss.__version__} "
-            f"({faiss.omp_get_max_threads()} threads)")
-
-
 def timed_search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, float]:
     """The neighbours' indices and the seconds the search took."""
-    start = time.perf_counter()
-    _, found = index.search(queries, k)
-    return found, time.perf_counter() - start
+    (_, found), seconds = benchmarking.timed(index.search, queries, k)
+    return found, seconds
 
 
 def row(name: str, count: int, build: float, search: float, queries: int, found: np.ndarray | None,
         exact: np.ndarray | None) -> str:
     recalls = ["1.000 (reference)"] * 2 if found is None else [
         f"{recall_at_k(found[:, :k], exact[:, :k]):.3f}" for k in (exact.shape[1], 20)]
-    return (f"| {name} | {count:,} | {build:.1f} | {search:.1f} | {1000 * search / queries:.2f} | "
-            f"{recalls[0]} | {recalls[1]} |")
+    return benchmarking.table_row(name, f"{count:,}", f"{build:.1f}", f"{search:.1f}",
+                                  f"{1000 * search / queries:.2f}", *recalls)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmarking.argument_parser(__doc__)
     parser.add_argument("--n", type=int, default=1_000_000, help="training features")
     parser.add_argument("--queries", type=int, default=10_000)
     parser.add_argument("--dim", type=int, default=512)
@@ -83,15 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", help="where the .npy goes (default: a temporary folder, removed afterwards)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(f"{datetime.now():%Y-%m-%d %H:%M} | {machine()}\n\n`python scripts/bench_ann.py "
-          f"{shlex.join(sys.argv[1:] if argv is None else argv)}`\n", flush=True)
+    print(benchmarking.header(__file__, argv, f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads)")
+          + "\n", flush=True)
 
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         path = Path(folder) / "features.npy"
         centres = np.random.default_rng(args.seed).standard_normal((args.clusters, args.dim)).astype(np.float32)
-        start = time.perf_counter()
-        write_clustered(path, args.n, args.dim, centres, args.spread, args.seed + 1)
-        generate_seconds = time.perf_counter() - start
+        _, generate_seconds = benchmarking.timed(write_clustered, path, args.n, args.dim, centres, args.spread,
+                                                 args.seed + 1)
         train = load_embeddings(path).features
         queries = np.random.default_rng(args.seed + 2).integers(0, args.clusters, args.queries)
         queries = centres[queries] + args.spread * np.random.default_rng(args.seed + 3).standard_normal(
@@ -100,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.n:,} x {args.dim} float32 ({path.stat().st_size / 2**30:.2f} GiB) written in "
               f"{generate_seconds:.0f} s, read back as {type(train).__name__} (read-only: "
               f"{not train.flags.writeable}); {args.queries:,} queries, k={args.k}\n", flush=True)
-        lines = [f"| index | N | build s | search s | ms / query | recall@{args.k} | recall@20 |",
-                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines = benchmarking.table_header("index", "N", "build s", "search s", "ms / query", f"recall@{args.k}",
+                                          "recall@20").splitlines()
 
         flat = build_index(train, "exact")
         exact, seconds = timed_search(flat, unit_queries, args.k)

@@ -16,14 +16,15 @@ Images/s of the global batch, the best of three rounds of ``--steps`` steps each
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+import benchmarking
+
 
 CONTENDERS = [("processes, no communication", False, False), ("DDP", True, False),
               ("DDP + gathered negatives", True, True)]
@@ -45,15 +46,13 @@ def timed(step, steps: int) -> float:
     """Seconds per step, the best of three rounds (after three warm-up steps)."""
     for _ in range(3):
         step()
-    best = float("inf")
-    for _ in range(3):
-        if dist.is_initialized():
+
+    def round_seconds() -> float:
+        if dist.is_initialized():  # the ranks start each round together
             dist.barrier()
-        started = time.perf_counter()
-        for _ in range(steps):
-            step()
-        best = min(best, (time.perf_counter() - started) / steps)
-    return best
+        return benchmarking.seconds_per_call(step, steps)
+
+    return min(round_seconds() for _ in range(3))
 
 
 def sgd_step(network, model, views):
@@ -83,9 +82,9 @@ def rank_main(rank: int, cores: int, args, contender: int, results) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmarking.argument_parser(__doc__)
     parser.add_argument("--config", default="configs/cifar10_cpu.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    benchmarking.add_settings(parser)
     parser.add_argument("--batch", type=int, default=128, help="global batch")
     parser.add_argument("--cores", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--steps", type=int, default=20)
@@ -99,13 +98,11 @@ def main(argv=None) -> int:
         for contender in range(len(CONTENDERS)):
             mp.spawn(rank_main, args=(args.cores, args, contender, results), nprocs=args.cores)
         rows += [(CONTENDERS[index][0], results[index]) for index in range(len(CONTENDERS))]
-    from ssl_pretrain.engine.hardware import cpu_name
-
-    print(f"{cpu_name()}, {args.cores} cores, torch {torch.__version__}, "
-          f"batch {args.batch} ({args.batch // args.cores} per process), {' '.join(args.overrides)}")
-    print(f"| {args.cores} cores spent on | images/s | vs threads |\n| --- | ---: | ---: |")
+    print(benchmarking.header(__file__, argv, f"batch {args.batch} ({args.batch // args.cores} per process)",
+                              " ".join(args.overrides)))
+    print(benchmarking.table_header(f"{args.cores} cores spent on", "images/s", "vs threads"))
     for name, rate in rows:
-        print(f"| {name} | {rate:.0f} | {rate / rows[0][1]:.2f} |")
+        print(benchmarking.table_row(name, f"{rate:.0f}", f"{rate / rows[0][1]:.2f}"))
     return 0
 
 

@@ -12,12 +12,7 @@
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
 import sys
-import time
-from datetime import date
 
 import torch
 
@@ -28,9 +23,11 @@ from ssl_pretrain.engine.allocator import keep_freed_memory
 from ssl_pretrain.data import DecodedSource, common_small_size, open_source, random_subset
 from ssl_pretrain.augment.transforms import build_eval_transform
 
+import benchmarking
+
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmarking.argument_parser(__doc__)
     parser.add_argument("--data", required=True, help="labelled image folder")
     parser.add_argument("--checkpoint", help="run folder or backbone file (default: random smallconv, 32 px)")
     parser.add_argument("--images", type=int, default=5000)
@@ -49,30 +46,26 @@ def main(argv=None) -> int:
     source = random_subset(open_source(args.data, labelled=True), args.images)
     images = torch.randn(args.batch_size, 3, size, size)
     with torch.inference_mode():
-        backbone(images)
-        started = time.perf_counter()
-        for _ in range(len(source) // args.batch_size):
-            backbone(images)
-        bare = (len(source) // args.batch_size) * args.batch_size / (time.perf_counter() - started)
+        bare = args.batch_size / benchmarking.seconds_per_call(lambda: backbone(images),
+                                                               max(1, len(source) // args.batch_size), warmup=1)
     transform = build_eval_transform(size, mean, std)
-    started = time.perf_counter()
-    extract_embeddings(backbone, source, transform, args.batch_size, num_workers=args.num_workers, progress=False)
-    streamed = len(source) / (time.perf_counter() - started)
+    _, seconds = benchmarking.timed(extract_embeddings, backbone, source, transform, args.batch_size,
+                                    num_workers=args.num_workers, progress=False)
+    streamed = len(source) / seconds
     decoded_source = DecodedSource(source, common_small_size(source) or (size, size))
-    started = time.perf_counter()
-    held = decoded_source.decoded() is not None
-    decode_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    extract_embeddings(backbone, decoded_source, transform, args.batch_size, progress=False)
-    in_memory = len(source) / (time.perf_counter() - started)
-    print(f"\n{date.today()} | {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__} | {name} {size}px batch {args.batch_size}, {len(source)} images | "
-          f"`python {' '.join(sys.argv)}`\n")
-    print("| loop | images/s | vs bare |\n| --- | ---: | ---: |")
-    print(f"| bare inference | {bare:.0f} | 1.00 |")
-    print(f"| extract_embeddings, from files ({args.num_workers} workers) | {streamed:.0f} | {streamed / bare:.2f} |")
+    held, decode_seconds = benchmarking.timed(lambda: decoded_source.decoded() is not None)
+    _, seconds = benchmarking.timed(extract_embeddings, backbone, decoded_source, transform, args.batch_size,
+                                    progress=False)
+    in_memory = len(source) / seconds
+    print("\n" + benchmarking.header(__file__, argv, f"{name} {size}px batch {args.batch_size}, {len(source)} images")
+          + "\n")
+    print(benchmarking.table_header("loop", "images/s", "vs bare"))
+    print(benchmarking.table_row("bare inference", f"{bare:.0f}", "1.00"))
+    print(benchmarking.table_row(f"extract_embeddings, from files ({args.num_workers} workers)", f"{streamed:.0f}",
+                                 f"{streamed / bare:.2f}"))
     if held:
-        print(f"| extract_embeddings, decoded once in memory | {in_memory:.0f} | {in_memory / bare:.2f} |")
+        print(benchmarking.table_row("extract_embeddings, decoded once in memory", f"{in_memory:.0f}",
+                                     f"{in_memory / bare:.2f}"))
         print(f"\ndecoding the {len(source)} images once into memory: {decode_seconds:.1f} s "
               f"({len(source) / decode_seconds:.0f} images/s), paid once per evaluation, not per feature set")
     else:

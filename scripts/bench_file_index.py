@@ -16,7 +16,6 @@ Prints a Markdown table.
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import platform
@@ -24,10 +23,11 @@ import sys
 import tarfile
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 from ssl_pretrain.data import open_source
+
+import benchmarking
 
 
 def write_files(root: Path, files: int, folders: int) -> None:
@@ -68,13 +68,13 @@ def age(root: Path) -> None:
 
 
 def timed(function) -> tuple[float, int]:
-    started = time.perf_counter()
-    count = len(function())
-    return time.perf_counter() - started, count
+    """``(seconds, images found)`` of one ``open_source`` call."""
+    found, seconds = benchmarking.timed(function)
+    return seconds, len(found)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmarking.argument_parser(__doc__)
     parser.add_argument("--files", type=int, default=100_000, help="images to write and find")
     parser.add_argument("--folders", type=int, default=1_000, help="class folders they are spread over")
     parser.add_argument("--shard-samples", type=int, default=100_000, help="samples in tar shards (0: skip)")
@@ -85,11 +85,10 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench_file_index.") as scratch:
         scratch = Path(scratch)
-        started = time.perf_counter()
-        write_files(scratch / "images", args.files, args.folders)
-        pattern = write_shards(scratch / "shards", args.shard_samples, args.shards) if args.shard_samples else ""
-        age(scratch)
-        written = time.perf_counter() - started
+        with benchmarking.Stopwatch() as writing:
+            write_files(scratch / "images", args.files, args.folders)
+            pattern = write_shards(scratch / "shards", args.shard_samples, args.shards) if args.shard_samples else ""
+            age(scratch)
         images, index = str(scratch / "images"), scratch / "run" / "file_index.txt"
         rows.append((f"folder, {args.files:,} files in {args.folders:,} folders", "scan, no index",
                      *timed(lambda: open_source(images))))
@@ -104,12 +103,12 @@ def main(argv=None) -> int:
             rows.append(("", f"cached open ({shard_index.stat().st_size / 1e6:.1f} MB index)",
                          *timed(lambda: open_source(pattern, index_cache=shard_index))))
 
-    print(f"\n{datetime.now():%Y-%m-%d %H:%M} | {platform.platform()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, Python {platform.python_version()} | `python {' '.join(sys.argv)}` | "
-          f"writing the data took {written:.1f} s; page cache warm (not dropped)\n")
-    print("| data | step | seconds | images found |\n| --- | --- | ---: | ---: |")
+    print("\n" + benchmarking.header(__file__, argv, f"Python {platform.python_version()}",
+                                     f"writing the data took {writing.seconds:.1f} s; page cache warm (not dropped)")
+          + "\n")
+    print(benchmarking.table_header("data", "step", "seconds", "images found", left=2))
     for data, step, seconds, count in rows:
-        print(f"| {data} | {step} | {seconds:.3f} | {count:,} |")
+        print(benchmarking.table_row(data, step, f"{seconds:.3f}", f"{count:,}"))
     return 0
 
 

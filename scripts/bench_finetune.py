@@ -19,12 +19,6 @@ Markdown table with the ratios, and the CPU, date and command.
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-import time
-from datetime import date
-
 import torch
 
 from linear_probe.finetune import build_classifier, prepare_scoring, training_route
@@ -32,8 +26,9 @@ from linear_probe.training import _train_one_epoch, validation_interval
 from ssl_pretrain.engine.allocator import keep_freed_memory
 from ssl_pretrain.checkpoint import load_backbone
 from ssl_pretrain.data import SubsetSource, open_source
-from ssl_pretrain.engine.hardware import cpu_name, describe_cpu
 from ssl_pretrain.augment.transforms import build_eval_transform
+
+import benchmarking
 
 
 def subset(source, count: int, seed: int = 0) -> SubsetSource:
@@ -41,21 +36,22 @@ def subset(source, count: int, seed: int = 0) -> SubsetSource:
     return SubsetSource(source, indices.sort().values.numpy())
 
 
-def bare_rate(model, batch: tuple[torch.Tensor, torch.Tensor], steps: int) -> float:
+def bare_seconds(model, batch: tuple[torch.Tensor, torch.Tensor], steps: int) -> float:
+    """Seconds per forward + backward + SGD step on one ready batch, after two warm-up steps."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     inputs, labels = batch
-    for index in range(steps + 2):
-        if index == 2:
-            started = time.perf_counter()
+
+    def step():
         loss = torch.nn.functional.cross_entropy(model(inputs), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return steps * len(labels) / (time.perf_counter() - started)
+
+    return benchmarking.seconds_per_call(step, steps, warmup=2)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmarking.argument_parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="run folder or backbone.safetensors")
     parser.add_argument("--data", required=True, help="labelled images (folder with class subfolders)")
     parser.add_argument("--images", type=int, default=4500, help="labelled training images (10%% of CIFAR-10's pool)")
@@ -70,39 +66,31 @@ def main(argv=None) -> int:
     train, val = subset(source, args.images, 0), subset(source, args.val_images, 1)
     transform = build_eval_transform(info.input_size, info.mean, info.std)
     model = build_classifier(backbone, info.feature_dim, len(source.classes))
-    started = time.perf_counter()
-    batches, score = training_route(train, transform, args.batch_size, 0, True, 0, "cpu")
-    val_pixels = prepare_scoring(val, transform)
-    decode_seconds = time.perf_counter() - started
+    with benchmarking.Stopwatch() as decoding:
+        batches, score = training_route(train, transform, args.batch_size, 0, True, 0, "cpu")
+        val_pixels = prepare_scoring(val, transform)
     first = next(iter(batches(1)))
     steps = max(1, args.images // args.batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
-    def timed(work) -> float:
-        began = time.perf_counter()
-        work()
-        return time.perf_counter() - began
-
-    # the contenders take turns, round after round, so a change in the machine's speed (a shared
-    # host's neighbours) meets all of them; the best round of each is kept
-    bare_rates, epoch_times, val_times = [], [], []
-    for _ in range(args.repeats):
-        bare_rates.append(bare_rate(model, first, steps))
-        epoch_times.append(timed(lambda: _train_one_epoch(model, optimizer, batches(2), "cpu")))
-        val_times.append(timed(lambda: score(model, val_pixels)))
-    rates = {"bare": max(bare_rates)}
-    epoch_seconds, val_seconds = min(epoch_times), min(val_times)
+    # the contenders take turns, round after round; the best round of each is kept
+    best = benchmarking.interleaved({
+        "bare": lambda: bare_seconds(model, first, steps),
+        "epoch": lambda: benchmarking.timed(_train_one_epoch, model, optimizer, batches(2), "cpu")[1],
+        "validation": lambda: benchmarking.timed(score, model, val_pixels)[1],
+    }, args.repeats, summary=min)
+    rates = {"bare": len(first[1]) / best["bare"]}
+    epoch_seconds, val_seconds = best["epoch"], best["validation"]
     every = validation_interval(args.images, args.val_images, args.epochs)
     rates["ours"] = args.images / epoch_seconds
     rates["ours + validation every epoch"] = args.images / (epoch_seconds + val_seconds)
     rates[f"ours + validation every {every} epochs (linear-probe)"] = args.images / (epoch_seconds + val_seconds / every)
-    print(f"\n{date.today()} | {cpu_name()}, {os.cpu_count()} cores, {describe_cpu()}, torch {torch.__version__} | "
-          f"{info.architecture} {info.input_size}px, batch {args.batch_size}, {args.images} training images, "
-          f"{args.val_images} validation | `python {' '.join(sys.argv)}`\n")
-    print("| loop | images/s | vs bare |\n| --- | ---: | ---: |")
+    print("\n" + benchmarking.header(__file__, argv, f"{info.architecture} {info.input_size}px, batch {args.batch_size}, "
+                                     f"{args.images} training images, {args.val_images} validation") + "\n")
+    print(benchmarking.table_header("loop", "images/s", "vs bare"))
     for name, rate in rates.items():
-        print(f"| {name} | {rate:.1f} | {rate / rates['bare']:.2f} |")
-    print(f"\ndecoding {args.images} + {args.val_images} images once: {decode_seconds:.1f} s (not in the rates)")
+        print(benchmarking.table_row(name, f"{rate:.1f}", f"{rate / rates['bare']:.2f}"))
+    print(f"\ndecoding {args.images} + {args.val_images} images once: {decoding.seconds:.1f} s (not in the rates)")
     return 0
 
 

@@ -12,17 +12,14 @@ top-1 predictions are compared with ours. Prints a Markdown table with ratios.
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
 import sys
-import time
-from datetime import date
 
 import numpy as np
 import torch
 
 from linear_probe.knn import knn_classify, search_neighbours
+
+import benchmarking
 
 
 def torch_reference(train, labels, queries, classes, k, temperature):
@@ -49,7 +46,7 @@ def sklearn_knn(train, labels, queries, classes, k, temperature):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmarking.argument_parser(__doc__)
     parser.add_argument("--train", type=int, default=50_000)
     parser.add_argument("--queries", type=int, default=10_000)
     parser.add_argument("--dim", type=int, default=512)
@@ -79,20 +76,18 @@ def main(argv=None) -> int:
     seconds, agreement = {}, {}
     reference = None
     for name, run in contenders.items():
-        started = time.perf_counter()
-        scores = run()
-        seconds[name] = time.perf_counter() - started
+        scores, seconds[name] = benchmarking.timed(run)
         predictions = scores.argmax(1)
         reference = predictions if reference is None else reference
         agreement[name] = float((predictions == reference).mean())
 
     ours = seconds["ours (knn_classify)"]
-    print(f"\n{date.today()} | {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__} | {args.train} x {args.queries} queries, {args.dim}-d, k={args.k} | "
-          f"`python {' '.join(sys.argv)}`\n")
-    print("| method | seconds | ours is faster by | same top-1 as ours |\n| --- | ---: | ---: | ---: |")
+    print("\n" + benchmarking.header(__file__, argv, f"{args.train} x {args.queries} queries, {args.dim}-d, k={args.k}")
+          + "\n")
+    print(benchmarking.table_header("method", "seconds", "ours is faster by", "same top-1 as ours"))
     for name in contenders:
-        print(f"| {name} | {seconds[name]:.2f} | {seconds[name] / ours:.2f}x | {agreement[name]:.2%} |")
+        print(benchmarking.table_row(name, f"{seconds[name]:.2f}", f"{seconds[name] / ours:.2f}x",
+                                     f"{agreement[name]:.2%}"))
     return 0
 
 

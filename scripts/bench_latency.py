@@ -1,183 +1,271 @@
-"""Real-time figures of the saved classifier, side by side in one run.
+"""Real-time figures of the saved classifier, every runtime side by side in one run.
 
-    python scripts/bench_latency.py                       # CPU preset model at 32 px, ResNet-18/50 at 224 px
-    python scripts/bench_latency.py --models smallconv32 --end-to-end 5000
+    python scripts/bench_latency.py                              # ResNet-18 at 224 px, every runtime
+    python scripts/bench_latency.py --models smallconv32,resnet18_224 --rounds 5 --frames 500
 
-For each model, a classifier is saved exactly as ``ssl-finetune`` saves one (random weights: speed
-does not depend on their values), loaded back through ``ssl_classifier.Classifier`` / the files,
-and timed in each runtime:
+For each model a classifier is built as a user gets one: a random-init backbone with a linear
+head trained by ``ssl-finetune`` on the built-in digits (so accuracy means something: the head
+is real, only the features are random), exported to ONNX and to int8 (as ``ssl-export --quantize
+int8`` quantises, calibrated on the training digits; the accuracy gate is left to the table's
+top-1 column, so a file ``ssl-export`` would refuse is still timed), then timed:
 
-* ``torch eager``: fp32, the default memory format, as a plain ``load_network`` gives it;
-* ``torch channels-last fp32``: what ``ssl-predict --runtime torch`` runs;
-* ``torch channels-last bf16``: autocast, only where the CPU runs bf16 natively (AMX or
-  AVX512-BF16, not held below them by ``ONEDNN_MAX_CPU_ISA``: ``ssl_pretrain.engine.hardware``); ``compiled``: ``torch.compile`` of the same, with ``--compile``;
-* ``onnxruntime``: ``classifier.onnx`` from ``ssl-export``, CPU execution provider.
+* ``torch eager fp32``, ``torch channels-last fp32`` (and bf16 where the CPU runs it natively);
+* ``onnxruntime`` and ``openvino`` (when installed), each on the fp32 and the int8 file.
 
-Single-image latency: p50 and p99 over ``--repeats`` calls with a batch of one (after warm-up).
-Batched throughput: images/s at ``--batch``. ``--end-to-end N``: ``ssl-predict``'s path (PNG files
-read, decoded, preprocessed by threads, batched forward, CSV written) on N files, as a ratio to
-the bare batched forward of the same runtime. Prints Markdown tables with the machine and date.
+Network alone: one image of random pixels per call, p50 and p99 over ``--repeats`` calls, in
+``--rounds`` rounds that take turns across the runtimes (the median round is reported, so a
+neighbour's burst on a shared machine meets every runtime alike), plus batched images/s and
+top-1 on the 450 test digits. End to end, one frame: a 640 x 480 JPEG (bytes, as a camera or a
+socket gives it) to a label through ``Classifier.predict`` with the default runtime (``auto``),
+p50 and p99 over ``--frames`` frames. Folder: ``ssl-predict``'s path over ``--folder`` PNG files
+as a ratio to the bare batched forward of the same runtime.
+
+The load average and the CPU time stolen by the hypervisor are read at the start and the end;
+a table measured on a busy machine says so in its title.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
+import io
 import statistics
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+import benchmarking
 from ssl_classifier.export import export_classifier
-from ssl_classifier.model import ClassifierInfo, ImageClassifier, load_network, save_classifier
-from ssl_classifier.predict import Classifier, predict_files
+from ssl_classifier.quantize import calibration_batches, quantize_onnx
+from ssl_classifier.model import ONNX_FILE, ONNX_INT8_FILE, load_network
+from ssl_classifier.predict import ONNX_RUNTIMES, Classifier, _installed, _onnx_runner, _openvino_runner, predict_files
+from ssl_classifier.train import FinetuneSettings, train_classifier
+from ssl_pretrain.checkpoint import BackboneInfo, export_backbone
+from ssl_pretrain.data import digits_source
 from ssl_pretrain.engine.allocator import keep_freed_memory
+from ssl_pretrain.engine.hardware import cpu_bf16_native
 from ssl_pretrain.models.backbones import build_backbone
-from ssl_pretrain.engine.hardware import cpu_bf16_native, cpu_name
 
 MODELS = {
-    # name: (architecture, small_stem, input size) - smallconv32 is configs/cifar10_cpu.yaml's network
+    # name: (architecture, small stem, input size) - smallconv32 is configs/cifar10_cpu.yaml's network
     "smallconv32": ("smallconv", False, 32),
     "resnet18_224": ("resnet18", False, 224),
     "resnet50_224": ("resnet50", False, 224),
 }
+QUIET_LOAD = 0.5
+"""A 1-minute load average above this at the start, or more than ``QUIET_STEAL`` of the CPU time
+stolen during the run, marks the table as measured on a busy machine."""
+QUIET_STEAL = 0.02
 
 
-def save_model(folder: Path, name: str, classes: int = 10) -> Path:
+def cpu_times() -> tuple[int, int]:
+    """``(steal, total)`` jiffies of all CPUs so far (``/proc/stat``; zeros elsewhere)."""
+    try:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields)
+
+
+def build_model(name: str, root: Path) -> Path:
+    """A classifier folder for ``name``: random backbone + head trained on the digits, exported
+    to ONNX fp32 and int8."""
     architecture, small_stem, size = MODELS[name]
+    run = root / f"{name}-run"
+    run.mkdir()
     torch.manual_seed(0)
-    backbone, dim = build_backbone(architecture, small_stem, size)
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    info = ClassifierInfo([str(c) for c in range(classes)], architecture, small_stem, dim, size, mean, std)
-    save_classifier(folder, ImageClassifier(backbone, dim, classes, mean, std).eval(), info)
-    return folder
+    backbone, dim = build_backbone(architecture, small_stem)
+    info = BackboneInfo(architecture, small_stem, dim, size, (0.25,) * 3, (0.35,) * 3)  # the digits' statistics
+    export_backbone(run / "backbone.safetensors", backbone, info)
+    model = root / name
+    settings = FinetuneSettings(device="cpu", progress=False, overwrite=True, epochs=30)
+    train_classifier(run, "builtin:digits:train", model, test="builtin:digits:test", settings=settings)
+    export_classifier(model, "onnx")
+    # int8 as ssl-export --quantize int8 makes it, without its accuracy gate: the table's top-1
+    # column shows what int8 costs, and a file ssl-export would refuse is still timed
+    batches, _ = calibration_batches("builtin:digits:train", size)
+    quantize_onnx(model / ONNX_FILE, model / ONNX_INT8_FILE, batches)
+    return model
 
 
-def latencies(run, batch: np.ndarray, repeats: int, warmup: int = 5) -> tuple[float, float]:
-    """(p50, p99) milliseconds of ``run(batch)``."""
-    for _ in range(warmup):
-        run(batch)
+def runners(model: Path) -> dict[str, object]:
+    """Runtime name -> ``batch -> logits``."""
+    eager, _ = load_network(model)
+    fast = load_network(model)[0].to(memory_format=torch.channels_last)
+
+    def torch_run(network, channels_last: bool, bf16: bool):
+        def run(batch):
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                images = torch.from_numpy(batch)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                return network(images).float().numpy()
+        return run
+
+    found = {"torch eager fp32": torch_run(eager, False, False),
+             "torch channels-last fp32": torch_run(fast, True, False)}
+    if cpu_bf16_native():
+        found["torch channels-last bf16"] = torch_run(fast, True, True)
+    for runtime in ONNX_RUNTIMES:
+        if _installed(runtime):
+            make = _openvino_runner if runtime == "openvino" else _onnx_runner
+            for precision, file in (("fp32", ONNX_FILE), ("int8", ONNX_INT8_FILE)):
+                found[f"{runtime} {precision}"] = make(model / file, None)
+    return found
+
+
+def latency_round(run, image: np.ndarray, repeats: int) -> tuple[float, float]:
+    """``(p50, p99)`` milliseconds of ``repeats`` calls on one image, after a short warm-up."""
+    for _ in range(5):
+        run(image)
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        run(batch)
+        run(image)
         times.append(1000 * (time.perf_counter() - started))
     times.sort()
     return statistics.median(times), times[min(len(times) - 1, int(round(0.99 * (len(times) - 1))))]
 
 
-def throughput(run, batch: np.ndarray, seconds: float = 3.0) -> float:
-    run(batch)
-    count, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        run(batch)
-        count += len(batch)
-    return count / (time.perf_counter() - started)
+def median_round(rounds: list[tuple[float, float]]) -> tuple[float, float]:
+    """The round whose p50 is the median of the rounds' (its p99 with it)."""
+    ordered = sorted(rounds)
+    return ordered[len(ordered) // 2]
 
 
-def _torch_run(network, channels_last: bool, bf16: bool):
-    def run(batch):
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            images = torch.from_numpy(batch)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            return network(images).float().numpy()
-
-    return run
+def test_inputs(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 450 test digits as the classifier sees them, ``(N, 3, S, S)`` float32, and their labels."""
+    source = digits_source("test")
+    images = np.stack([np.asarray(source.load(index).resize((size, size), Image.BICUBIC)) for index in range(len(source))])
+    return images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0, source.labels
 
 
-def torch_runners(folder: Path, compile_model: bool) -> dict:
-    """Runtime name -> ``batch -> logits``: eager as loaded, then the settings the project knows."""
-    eager, _ = load_network(folder)
-    fast, _ = load_network(folder)
-    fast = fast.to(memory_format=torch.channels_last)
-    runners = {"torch eager (fp32)": _torch_run(eager, False, False),
-               "torch channels-last fp32 (ssl-predict)": _torch_run(fast, True, False)}
-    if cpu_bf16_native():
-        runners["torch channels-last bf16"] = _torch_run(fast, True, True)
-    if compile_model:
-        runners["torch channels-last compiled" + (" bf16" if cpu_bf16_native() else "")] = \
-            _torch_run(torch.compile(fast), True, cpu_bf16_native())
-    return runners
+def accuracy(run, inputs: np.ndarray, labels: np.ndarray, batch: int = 64) -> float:
+    logits = np.concatenate([run(np.ascontiguousarray(inputs[start:start + batch]))
+                             for start in range(0, len(inputs), batch)])
+    return float(np.mean(logits.argmax(1) == labels))
 
 
-def bench_model(name: str, args, root: Path) -> list[dict]:
-    folder = save_model(root / name, name)
-    export_classifier(folder, "onnx")
+def camera_frames(count: int, seed: int = 0) -> list[bytes]:
+    """``count`` different 640 x 480 JPEG frames (quality 90) of smooth random content."""
+    rng, frames = np.random.default_rng(seed), []
+    for _ in range(count):
+        coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+        buffer = io.BytesIO()
+        coarse.resize((640, 480), Image.BILINEAR).save(buffer, "JPEG", quality=90)
+        frames.append(buffer.getvalue())
+    return frames
+
+
+def frame_latency(classifier: Classifier, frames: list[bytes]) -> tuple[float, float]:
+    """``(p50, p99)`` ms of JPEG bytes -> label, one frame per call."""
+    for frame in frames[:10]:
+        classifier.predict_frame(frame)
+    times = []
+    for frame in frames:
+        started = time.perf_counter()
+        classifier.predict_frame(frame)
+        times.append(1000 * (time.perf_counter() - started))
+    times.sort()
+    return statistics.median(times), times[min(len(times) - 1, int(round(0.99 * (len(times) - 1))))]
+
+
+def bench_model(name: str, args, root: Path) -> tuple[list[dict], dict]:
+    model = build_model(name, root)
     size = MODELS[name][2]
-    rng = np.random.default_rng(0)
-    single = rng.random((1, 3, size, size), dtype=np.float32)
-    batch = rng.random((args.batch, 3, size, size), dtype=np.float32)
-    runners = torch_runners(folder, args.compile)
-    runners["onnxruntime"] = Classifier.load(folder, runtime="onnxruntime").logits
+    image = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+    batch = np.random.default_rng(1).random((args.batch, 3, size, size), dtype=np.float32)
+    inputs, labels = test_inputs(size)
+    found = runners(model)
+    rounds = {runtime: [] for runtime in found}
+    for _ in range(args.rounds):  # runtimes take turns, round after round
+        for runtime, run in found.items():
+            rounds[runtime].append(latency_round(run, image, args.repeats))
     rows = []
-    for runtime, run in runners.items():
-        p50, p99 = latencies(run, single, args.repeats)
-        rows.append({"model": name, "runtime": runtime, "p50": p50, "p99": p99,
-                     "throughput": throughput(run, batch, args.seconds)})
-        print(f"  {name} {runtime}: p50 {p50:.2f} ms, p99 {p99:.2f} ms, {rows[-1]['throughput']:.0f} img/s",
+    for runtime, run in found.items():
+        p50, p99 = median_round(rounds[runtime])
+        rate = args.batch / benchmarking.seconds_per_call(lambda: run(batch), calls=max(2, int(64 / args.batch * 5)), warmup=1)
+        rows.append({"model": name, "runtime": runtime, "p50": p50, "p99": p99, "throughput": rate,
+                     "top1": accuracy(run, inputs, labels)})
+        print(f"  {name} {runtime}: p50 {p50:.2f} ms, p99 {p99:.2f} ms, {rate:.0f} img/s, top-1 {rows[-1]['top1']:.3f}",
               file=sys.stderr)
-    return rows
+    classifier = Classifier.load(model)  # the default: what a user's script gets
+    p50, p99 = frame_latency(classifier, camera_frames(args.frames))
+    frame = {"model": name, "runtime": f"{classifier.runtime} {classifier.precision}", "p50": p50, "p99": p99}
+    network = next(row for row in rows if row["runtime"] == frame["runtime"]) if frame["runtime"] in found else None
+    frame["network_p50"] = network["p50"] if network else float("nan")
+    return rows, frame
 
 
-def end_to_end(name: str, count: int, args, root: Path) -> list[dict]:
-    """ssl-predict's files-in, CSV-out path vs the bare batched forward, per runtime."""
-    from PIL import Image
-
-    folder = root / name
-    size = MODELS[name][2]
+def folder_ratio(name: str, count: int, root: Path, seconds: float = 3.0) -> list[dict]:
+    """``ssl-predict``'s files-in, CSV-out path vs the bare batched forward, per runtime choice."""
+    model, size = root / name, MODELS[name][2]
     images = root / "images"
     images.mkdir(exist_ok=True)
     rng = np.random.default_rng(1)
     for index in range(count):
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(images / f"{index:06d}.png")
     rows = []
-    for runtime in ("torch", "onnxruntime"):
-        classifier = Classifier.load(folder, runtime=runtime)
+    for runtime, precision in (("auto", "auto"), ("torch", "fp32")):
+        classifier = Classifier.load(model, runtime=runtime, precision=precision)
         batch = rng.random((64, 3, size, size), dtype=np.float32)
-        bare = throughput(classifier.logits, batch, args.seconds)
-        predict_files(classifier, [str(images)], root / "warm.csv", progress=False)  # page cache, threads
+        calls = max(2, int(seconds / benchmarking.seconds_per_call(lambda: classifier.logits(batch), warmup=1)))
+        bare = 64 / benchmarking.seconds_per_call(lambda: classifier.logits(batch), calls=calls)
+        predict_files(classifier, [str(images)], root / "warm.csv", progress=False)  # page cache, workers
         summary = predict_files(classifier, [str(images)], root / "predictions.csv", progress=False)
-        rate = summary.images / summary.seconds
-        rows.append({"runtime": runtime, "bare": bare, "end_to_end": rate})
-        print(f"  end to end {runtime}: {rate:.0f} img/s vs bare {bare:.0f}", file=sys.stderr)
+        rows.append({"runtime": f"{classifier.runtime} {classifier.precision}", "bare": bare,
+                     "end_to_end": summary.images / summary.seconds})
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated from {', '.join(MODELS)}")
-    parser.add_argument("--repeats", type=int, default=200, help="single-image calls timed per runtime")
-    parser.add_argument("--batch", type=int, default=64, help="batch of the throughput figure")
-    parser.add_argument("--seconds", type=float, default=3.0, help="time spent per throughput figure")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the channels-last model (compiling takes a minute)")
-    parser.add_argument("--end-to-end", type=int, default=5000, help="files for the ssl-predict row (0: skip)")
+    parser = benchmarking.argument_parser(__doc__)
+    parser.add_argument("--models", default="resnet18_224", help=f"comma-separated from {', '.join(MODELS)}")
+    parser.add_argument("--repeats", type=int, default=100, help="single-image calls timed per runtime and round")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of every runtime in turn; the median round is reported")
+    parser.add_argument("--batch", type=int, default=32, help="batch of the throughput figure")
+    parser.add_argument("--frames", type=int, default=500, help="640 x 480 JPEG frames for the end-to-end row")
+    parser.add_argument("--folder", type=int, default=2000, help="PNG files for the ssl-predict row (0: skip)")
     args = parser.parse_args(argv)
     keep_freed_memory()  # as ssl-predict, linear-probe and pretraining do on CPUs
-    print(f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"ISA {torch.backends.cpu.get_cpu_capability()}, bf16 native: {cpu_bf16_native()}, {date.today()}")
+    steal_start, total_start = cpu_times()
+    title = benchmarking.header(__file__, argv, f"{args.rounds} rounds x {args.repeats} calls")
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        rows = [row for name in args.models.split(",") for row in bench_model(name.strip(), args, root)]
-        print("\n| model | runtime | p50 ms (1 image) | p99 ms | images/s (batch %d) | vs eager |" % args.batch)
-        print("|---|---|---:|---:|---:|---:|")
+        results = [bench_model(name.strip(), args, root) for name in args.models.split(",")]
+        first = args.models.split(",")[0].strip()
+        folder_rows = folder_ratio(first, args.folder, root) if args.folder else []
+    steal_end, total_end = cpu_times()
+    steal = (steal_end - steal_start) / max(1, total_end - total_start)
+    load_end = benchmarking.load_average()
+    load_start = benchmarking.LOAD_AT_START
+    quiet = (load_start is None or load_start[0] <= QUIET_LOAD) and steal <= QUIET_STEAL
+    state = ("quiet machine" if quiet else "**NOT QUIET**") + (
+        f": load {load_start[0]:.2f} at start, {load_end[0]:.2f} at end" if load_start and load_end else "") + \
+        f", {100 * steal:.1f}% CPU stolen"
+    print(f"\n{title}\n\nNetwork alone, batch of one ({state})\n")
+    print(benchmarking.table_header("model", "runtime", "p50 ms", "p99 ms", f"images/s (batch {args.batch})",
+                                    "p50 vs onnxruntime fp32", "top-1 (450 test digits)", left=2))
+    for rows, _ in results:
+        reference = next((row for row in rows if row["runtime"] == "onnxruntime fp32"), None)
         for row in rows:
-            eager = next(r for r in rows if r["model"] == row["model"] and r["runtime"].startswith("torch eager"))
-            print(f"| {row['model']} | {row['runtime']} | {row['p50']:.2f} | {row['p99']:.2f} | "
-                  f"{row['throughput']:.0f} | {row['throughput'] / eager['throughput']:.2f}x |")
-        if args.end_to_end and "smallconv32" in args.models:
-            e2e = end_to_end("smallconv32", args.end_to_end, args, root)
-            print(f"\n| ssl-predict on {args.end_to_end} PNG files (smallconv32) | bare batched forward img/s | "
-                  "end-to-end img/s | ratio |")
-            print("|---|---:|---:|---:|")
-            for row in e2e:
-                print(f"| {row['runtime']} | {row['bare']:.0f} | {row['end_to_end']:.0f} | "
-                      f"{row['end_to_end'] / row['bare']:.2f}x |")
+            ratio = f"{row['p50'] / reference['p50']:.2f}x" if reference else "-"
+            print(benchmarking.table_row(row["model"], row["runtime"], f"{row['p50']:.2f}", f"{row['p99']:.2f}",
+                                         f"{row['throughput']:.0f}", ratio, f"{100 * row['top1']:.1f}%"))
+    print(f"\nEnd to end, one frame: 640 x 480 JPEG bytes -> label, Classifier.predict, default runtime ({state})\n")
+    print(benchmarking.table_header("model", "runtime (auto)", "p50 ms", "p99 ms", "p50 vs network alone", left=2))
+    for _, frame in results:
+        print(benchmarking.table_row(frame["model"], frame["runtime"], f"{frame['p50']:.2f}", f"{frame['p99']:.2f}",
+                                     f"{frame['p50'] / frame['network_p50']:.2f}x"))
+    if folder_rows:
+        print(f"\nssl-predict over {args.folder} PNG files ({first}) vs the bare batched forward ({state})\n")
+        print(benchmarking.table_header("runtime", "bare forward images/s", "ssl-predict images/s", "ratio"))
+        for row in folder_rows:
+            print(benchmarking.table_row(row["runtime"], f"{row['bare']:.0f}", f"{row['end_to_end']:.0f}",
+                                         f"{row['end_to_end'] / row['bare']:.2f}x"))
     return 0
 
 

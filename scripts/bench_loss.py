@@ -15,42 +15,27 @@ Both losses give the same values and gradients (tests/test_loss.py).
 
 from __future__ import annotations
 
-import argparse
-import platform
-import statistics
-import sys
-import time
-from datetime import date
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ssl_pretrain.config import load_config
+from ssl_pretrain.methods.simclr import multicrop_ntxent
+from ssl_pretrain.train import train_step
 
-from bench_throughput import fresh_step  # noqa: E402
-
-from ssl_pretrain.config import load_config  # noqa: E402
-from ssl_pretrain.engine.hardware import cpu_name, describe_cpu  # noqa: E402
-from ssl_pretrain.methods.simclr import multicrop_ntxent  # noqa: E402
-from ssl_pretrain.train import train_step  # noqa: E402
+import benchmarking
+from bench_throughput import fresh_step
 
 
-def interleaved(contenders: dict, repeats: int, rounds: int) -> dict[str, float]:
-    """Median milliseconds per call of each contender, the contenders taking turns each round."""
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for run in contenders.values():  # warm-up
+def median_ms(contenders: dict, repeats: int, rounds: int) -> dict[str, float]:
+    """Median milliseconds per call of each contender (after one warm-up call), the contenders
+    taking turns each round."""
+    for run in contenders.values():
         run()
-    for _ in range(rounds):
-        for name, run in contenders.items():
-            started = time.perf_counter()
-            for _ in range(repeats):
-                run()
-            times[name].append((time.perf_counter() - started) / repeats * 1000)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return benchmarking.interleaved({name: lambda run=run: 1000 * benchmarking.seconds_per_call(run, repeats)
+                                     for name, run in contenders.items()}, rounds)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmarking.argument_parser(__doc__)
     parser.add_argument("--config", default="configs/cifar10_cpu.yaml")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--crops", type=int, default=4, help="small crops in the step comparison")
@@ -63,20 +48,19 @@ def main(argv=None) -> int:
     batch, dim, temperature = cfg.train.batch_size, cfg.simclr.output_dim, cfg.simclr.temperature
     step = fresh_step(cfg, torch.device("cpu"))
     lightly_loss = step.model.criterion
-    print(f"{date.today()}, {cpu_name()} ({platform.machine()}, {describe_cpu()}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; batch {batch}, projections {dim}-d, T={temperature}\n")
+    print(benchmarking.header(__file__, argv, f"batch {batch}, projections {dim}-d, T={temperature}") + "\n")
 
     def per_pair(projections):
         pairs = [(0, 1)] + [(g, v) for v in range(2, len(projections)) for g in (0, 1)]
         return sum(lightly_loss(projections[a], projections[b]) for a, b in pairs) / len(pairs)
 
-    print("| views | lightly's NTXentLoss per pair (ms) | one pass (ms) | speed-up |")
-    print("| --- | ---: | ---: | ---: |")
+    print(benchmarking.table_header("views", "lightly's NTXentLoss per pair (ms)", "one pass (ms)", "speed-up"))
     for views in (2, 4, 6, 8):
         projections = [torch.randn(batch, dim, requires_grad=True) for _ in range(views)]
-        ms = interleaved({"lightly": lambda: per_pair(projections).backward(),
-                          "ours": lambda: multicrop_ntxent(projections, temperature).backward()}, 10, args.rounds)
-        print(f"| 2 + {views - 2} | {ms['lightly']:.1f} | {ms['ours']:.1f} | {ms['lightly'] / ms['ours']:.2f}x |")
+        ms = median_ms({"lightly": lambda: per_pair(projections).backward(),
+                        "ours": lambda: multicrop_ntxent(projections, temperature).backward()}, 10, args.rounds)
+        print(benchmarking.table_row(f"2 + {views - 2}", f"{ms['lightly']:.1f}", f"{ms['ours']:.1f}",
+                                     f"{ms['lightly'] / ms['ours']:.2f}x"))
 
     size, local = cfg.augment.input_size, cfg.augment.local_size
     ready = [torch.rand(batch, 3, size, size) for _ in range(2)] + [
@@ -88,11 +72,11 @@ def main(argv=None) -> int:
             train_step(step, ready)
         return run
 
-    ms = interleaved({"lightly": with_loss(False), "ours": with_loss(True)}, 4, args.rounds)
-    print(f"\n| {cfg.model.backbone} step, 2 x {size} px + {args.crops} x {local} px | ms/step | images/s |")
-    print("| --- | ---: | ---: |")
+    ms = median_ms({"lightly": with_loss(False), "ours": with_loss(True)}, 4, args.rounds)
+    print("\n" + benchmarking.table_header(f"{cfg.model.backbone} step, 2 x {size} px + {args.crops} x {local} px",
+                                           "ms/step", "images/s"))
     for name, label in (("lightly", "lightly's NTXentLoss per pair"), ("ours", "one-pass loss (ssl-pretrain)")):
-        print(f"| {label} | {ms[name]:.0f} | {batch * 1000 / ms[name]:.0f} |")
+        print(benchmarking.table_row(label, f"{ms[name]:.0f}", f"{batch * 1000 / ms[name]:.0f}"))
     print(f"\none-pass / per-pair images/s: {ms['lightly'] / ms['ours']:.2f}x")
     return 0
 

@@ -12,36 +12,35 @@ images (N x H x W x 3 bytes) on purpose, and nothing else should grow.
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
-import time
-from datetime import date
+
+import benchmarking
+
 
 
 def peak_rss_mb(command: list[str]) -> tuple[float, float, int]:
     """``(peak RSS in MB, seconds, exit status)`` of one child process."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
+    with benchmarking.Stopwatch() as watch:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
     if process.returncode:
         print(stderr[-2000:], file=sys.stderr)
-    return usage.ru_maxrss / 1024, time.perf_counter() - started, process.returncode
+    return usage.ru_maxrss / 1024, watch.seconds, process.returncode
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmarking.argument_parser(__doc__)
     parser.add_argument("--data", required=True)
     parser.add_argument("--config", default="configs/cifar10_cpu.yaml")
     parser.add_argument("--images", default="10000,50000", help="comma-separated image counts")
     parser.add_argument("--pipelines", default="tensor,pil")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    benchmarking.add_settings(parser)
     args = parser.parse_args(argv)
 
     rows = []
@@ -58,12 +57,12 @@ def main(argv=None) -> int:
             rows.append((pipeline, count, rss, seconds, code))
             print(f"{pipeline} {count}: {rss:.0f} MB, {seconds:.0f} s, exit {code}", file=sys.stderr, flush=True)
 
-    print(f"\n{date.today()} | {platform.machine()}, {os.cpu_count()} cores | `python {' '.join(sys.argv)}`\n")
-    print("| pipeline | images | peak RSS (MB) | vs the fewest images | seconds | exit |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("\n" + benchmarking.header(__file__, argv) + "\n")
+    print(benchmarking.table_header("pipeline", "images", "peak RSS (MB)", "vs the fewest images", "seconds", "exit"))
     for pipeline, count, rss, seconds, code in rows:
         first = next(r for r in rows if r[0] == pipeline)
-        print(f"| {pipeline} | {count:,} | {rss:.0f} | {rss - first[2]:+.0f} MB | {seconds:.0f} | {code} |")
+        print(benchmarking.table_row(pipeline, f"{count:,}", f"{rss:.0f}", f"{rss - first[2]:+.0f} MB", f"{seconds:.0f}",
+                                     code))
     return 0 if all(row[4] == 0 for row in rows) else 1
 
 

@@ -16,14 +16,10 @@ method's. ``--set KEY=VALUE`` passes settings to every pretraining.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from queue import Queue
@@ -40,14 +36,9 @@ from ssl_pretrain.augment.transforms import build_eval_transform
 from ssl_pretrain.checkpoint import load_backbone
 from ssl_pretrain.data import SubsetSource, open_source
 
+import benchmarking
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cpu_model() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def split_training_folder(train: str, out: Path, val_fraction: float, seed: int):
@@ -75,15 +66,15 @@ def pretrain(method: str, paths: Path, out: Path, budget: float, overrides: list
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for override in overrides:
         command += ["--set", override]
-    started = time.perf_counter()
     log = (out.parent / f"{method}.log").open("w") if core is not None else None
-    result = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
-                            preexec_fn=(lambda: os.sched_setaffinity(0, {core})) if core is not None else None)
+    result, seconds = benchmarking.timed(
+        subprocess.run, command, env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
+        preexec_fn=(lambda: os.sched_setaffinity(0, {core})) if core is not None else None)
     if log:
         log.close()
     if result.returncode:
         print(f"{method}: ssl-pretrain exited with {result.returncode}", flush=True)
-    return time.perf_counter() - started
+    return seconds
 
 
 def evaluate(run: Path, train_source, val_source, test_source, seed: int) -> dict:
@@ -108,29 +99,29 @@ def evaluate(run: Path, train_source, val_source, test_source, seed: int) -> dic
 
 
 def table(rows: dict[str, dict], first: str) -> str:
-    lines = ["| method | steps (epochs) | images/s | kNN val | kNN test | ratio | logreg 10% val | logreg 10% test | ratio |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [benchmarking.table_header("method", "steps (epochs)", "images/s", "kNN val", "kNN test", "ratio",
+                                       "logreg 10% val", "logreg 10% test", "ratio")]
     base = rows[first]
     for name, row in rows.items():
         if row.get("failed"):
-            lines.append(f"| {name} | stopped without an export (see its log) | | | | | | | |")
+            lines.append(benchmarking.table_row(name, "stopped without an export (see its log)", *[""] * 7))
             continue
-        lines.append(
-            f"| {name} | {row['steps']} ({row['epochs']}) | {row['images_per_s']:.0f} | {row['knn_val']:.2%} | "
-            f"{row['knn_test']:.2%} | {row['knn_test'] / base['knn_test']:.3f} | {row['logreg10_val']:.2%} | "
-            f"{row['logreg10_test']:.2%} | {row['logreg10_test'] / base['logreg10_test']:.3f} |")
+        lines.append(benchmarking.table_row(
+            name, f"{row['steps']} ({row['epochs']})", f"{row['images_per_s']:.0f}", f"{row['knn_val']:.2%}",
+            f"{row['knn_test']:.2%}", f"{row['knn_test'] / base['knn_test']:.3f}", f"{row['logreg10_val']:.2%}",
+            f"{row['logreg10_test']:.2%}", f"{row['logreg10_test'] / base['logreg10_test']:.3f}"))
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmarking.argument_parser(__doc__)
     parser.add_argument("--train", required=True, help="labelled training folder (class subfolders)")
     parser.add_argument("--test", required=True, help="labelled test folder")
     parser.add_argument("--methods", default="simclr,moco,byol,simsiam,barlowtwins,vicreg,dino")
     parser.add_argument("--budget", type=float, default=15.0, help="minutes of pretraining per method")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    benchmarking.add_settings(parser, "a setting for every pretraining, repeatable")
     parser.add_argument("--lanes", type=int, default=1,
                         help="methods pretrained at a time, each pinned to its own core with one thread")
     parser.add_argument("--out", required=True)
@@ -172,10 +163,10 @@ def main(argv=None) -> int:
         (out / "results.json").write_text(json.dumps(rows, indent=1))
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    threads = (f"{args.lanes} methods at a time, each on one core with one thread" if args.lanes > 1
-               else f"{torch.get_num_threads()} threads")
-    print(f"\n{cpu_model()}, {threads}, torch {torch.__version__}, "
-          f"{datetime.date.today()}, commit {commit}; budget {args.budget:g} min per method\n")
+    lanes = (f"{args.lanes} methods at a time, each on one core with one thread" if args.lanes > 1
+             else "one method at a time")
+    print("\n" + benchmarking.header(__file__, argv, lanes, f"commit {commit}",
+                                     f"budget {args.budget:g} min per method") + "\n")
     first = next((name for name, row in rows.items() if not row.get("failed")), None)
     if first:
         print(table(rows, first))

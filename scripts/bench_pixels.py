@@ -11,24 +11,18 @@ CPU, date and command.
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-import time
-from datetime import date
-
 import numpy as np
-import torch
 from torch import nn
 
 from linear_probe.embeddings import extract_embeddings
-from linear_probe.evaluate import decoded_in_memory
+from ssl_pretrain.data.decoding import decoded_in_memory
 from linear_probe.knn import evaluate_knn
 from linear_probe.logreg import evaluate_logreg
 from linear_probe.splits import stratified_split
 from ssl_pretrain.data import open_source
-from ssl_pretrain.engine.hardware import cpu_name, describe_cpu
 from ssl_pretrain.augment.transforms import build_eval_transform
+
+import benchmarking
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
 
@@ -40,7 +34,7 @@ def pixels(source, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmarking.argument_parser(__doc__)
     parser.add_argument("--train", required=True, help="labelled training images (class subfolders)")
     parser.add_argument("--test", required=True, help="labelled test images")
     parser.add_argument("--sizes", default="32,16,8", help="pixel sizes to compare")
@@ -49,25 +43,22 @@ def main(argv=None) -> int:
     train_source = decoded_in_memory(open_source(args.train, labelled=True))
     test_source = decoded_in_memory(open_source(args.test, labelled=True))
     num_classes = len(train_source.classes)
-    print(f"\n{date.today()} | {cpu_name()}, {os.cpu_count()} cores, {describe_cpu()}, torch {torch.__version__} | "
-          f"`python {' '.join(sys.argv)}`\n")
-    print("| pixels | values | kNN top-1 (all labels) | kNN s | logreg top-1 "
-          f"({args.fraction:.0%} labels) | logreg s | chosen C |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n" + benchmarking.header(__file__, argv) + "\n")
+    print(benchmarking.table_header("pixels", "values", "kNN top-1 (all labels)", "kNN s",
+                                    f"logreg top-1 ({args.fraction:.0%} labels)", "logreg s", "chosen C"))
     for size in (int(value) for value in args.sizes.split(",")):
         train_x, train_y = pixels(train_source, size)
         test_x, test_y = pixels(test_source, size)
         pool, val = stratified_split(train_y, 0.1, 1, "validation")
         labelled, _ = stratified_split(train_y[pool], 1 - args.fraction, 0, "labelled")
         labelled = pool[labelled]
-        started = time.perf_counter()
-        knn = evaluate_knn(train_x[pool], train_y[pool], test_x, test_y, num_classes, k=200, temperature=0.1)
-        knn_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        logreg = evaluate_logreg(train_x[labelled], train_y[labelled], train_x[val], train_y[val], test_x, test_y,
-                                 num_classes)
-        logreg_seconds = time.perf_counter() - started
-        print(f"| {size} px | {train_x.shape[1]:,} | {100 * knn.top1:.2f}% | {knn_seconds:.1f} | "
-              f"{100 * logreg.top1:.2f}% | {logreg_seconds:.1f} | {logreg.chosen['C']:g} |", flush=True)
+        knn, knn_seconds = benchmarking.timed(evaluate_knn, train_x[pool], train_y[pool], test_x, test_y, num_classes,
+                                              k=200, temperature=0.1)
+        logreg, logreg_seconds = benchmarking.timed(evaluate_logreg, train_x[labelled], train_y[labelled],
+                                                    train_x[val], train_y[val], test_x, test_y, num_classes)
+        print(benchmarking.table_row(f"{size} px", f"{train_x.shape[1]:,}", f"{100 * knn.top1:.2f}%",
+                                     f"{knn_seconds:.1f}", f"{100 * logreg.top1:.2f}%", f"{logreg_seconds:.1f}",
+                                     f"{logreg.chosen['C']:g}"), flush=True)
     return 0
 
 

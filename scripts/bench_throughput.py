@@ -17,12 +17,9 @@ figures behind the preset's ``train.precision`` and ``train.channels_last`` choi
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
 import sys
-import time
-from datetime import date
+from itertools import chain
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -35,16 +32,13 @@ from ssl_pretrain.engine.optim import build_optimizer, build_scheduler
 from ssl_pretrain.train import build_loader, make_step, resolve_device, train_step
 from ssl_pretrain.augment.transforms import build_view_transform
 
+import benchmarking
+
 
 def timed_steps(batches, step, warmup: int, steps: int, batch_size: int) -> float:
     """Images/s over ``steps`` steps after ``warmup`` untimed ones."""
     iterator = iter(batches)
-    for _ in range(warmup):
-        train_step(step, next(iterator)["views"])
-    started = time.perf_counter()
-    for _ in range(steps):
-        train_step(step, next(iterator)["views"])
-    return steps * batch_size / (time.perf_counter() - started)
+    return batch_size / benchmarking.seconds_per_call(lambda: train_step(step, next(iterator)["views"]), steps, warmup)
 
 
 def fresh_step(cfg, device):
@@ -89,10 +83,10 @@ def bare_batches(cfg, device):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmarking.argument_parser(__doc__)
     parser.add_argument("--data", required=True, help="image folder (e.g. CIFAR-10 train)")
     parser.add_argument("--config", default="configs/cifar10_cpu.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    benchmarking.add_settings(parser)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per contender")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--images", type=int, default=20000, help="subset of the folder to use")
@@ -105,17 +99,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     keep_freed_memory()  # as ssl-pretrain does on a CPU (train.keep_freed_memory); the whole process
     if args.sweep_only:
-        return sweep(args)
+        return sweep(args, argv)
     if args.augment_only:
-        return time_augmentation(args)
+        return time_augmentation(args, argv)
 
     cfg = load_config(args.config, [f"data.source={args.data}", *args.overrides])
     device = resolve_device(cfg.train.device)
     source = random_subset(open_source(args.data), args.images)
     batch = cfg.train.batch_size
-    started = time.perf_counter()
-    ours_batches, _ = build_loader(cfg, source, device, progress=False)
-    setup_seconds = time.perf_counter() - started
+    (ours_batches, _), setup_seconds = benchmarking.timed(build_loader, cfg, source, device, progress=False)
     plain = load_config(args.config, [f"data.source={args.data}", *args.overrides, "train.channels_last=false",
                                       "train.precision=fp32", "train.compile=false"])
     results = {
@@ -125,20 +117,24 @@ def main(argv=None) -> int:
         "lightly-style": timed_steps(lightly_style_batches(source, cfg, args.lightly_workers),
                                      fresh_step(plain, device), args.warmup, args.steps, batch),
     }
-    print(f"\n{date.today()} | {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, device {device} | {cfg.model.backbone} {cfg.augment.input_size}px "
-          f"batch {batch} | `python {' '.join(sys.argv)}`\n")
-    print("| loop | images/s | vs bare | ours vs it |\n| --- | ---: | ---: | ---: |")
+    print("\n" + run_header(argv, cfg, device) + "\n")
+    print(benchmarking.table_header("loop", "images/s", "vs bare", "ours vs it"))
     for name, rate in results.items():
-        print(f"| {name} | {rate:.1f} | {rate / results['bare']:.2f} | {results['ours'] / rate:.2f} |")
+        print(benchmarking.table_row(name, f"{rate:.1f}", f"{rate / results['bare']:.2f}",
+                                     f"{results['ours'] / rate:.2f}"))
     if args.sweep:
-        sweep(args, header=False)
+        sweep(args, argv, header=False)
     print(f"\nours: {setup_seconds:.1f} s to set up the pipeline for {len(source)} images "
           f"(decoding them once when data.pipeline resolves to tensor), not in the rates above.")
     return 0
 
 
-def time_augmentation(args) -> int:
+def run_header(argv: list[str] | None, cfg, device: torch.device) -> str:
+    return benchmarking.header(__file__, argv, f"device {device}",
+                               f"{cfg.model.backbone} {cfg.augment.input_size}px batch {cfg.train.batch_size}")
+
+
+def time_augmentation(args, argv: list[str] | None) -> int:
     """Milliseconds per batch of ``batch_views`` (crop, flip, jitter, grey, normalise; two views);
     for grey images also with the colour steps that cannot change them skipped, as training does."""
     from ssl_pretrain.augment.batch_transforms import batch_views, build_batch_augment, is_grey
@@ -150,24 +146,20 @@ def time_augmentation(args) -> int:
     if size is None:
         raise SystemExit("--augment-only needs small images of one size (the tensor pipeline's case)")
     images = torch.from_numpy(decode_all(source, size, progress=False)[0])
-    print(f"\n{date.today()} | {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__} | `python {' '.join(sys.argv)}`\n")
+    print("\n" + benchmarking.header(__file__, argv) + "\n")
     variants = {"every step": build_batch_augment(cfg.augment)}
     if is_grey(images):
         variants["grey images: colour steps skipped"] = build_batch_augment(cfg.augment, grey=True)
     for name, augment in variants.items():
-        for seed in range(args.warmup):
-            batch_views(images, augment, seed)
-        started = time.perf_counter()
-        for seed in range(args.steps):
-            batch_views(images, augment, seed)
-        seconds = (time.perf_counter() - started) / args.steps
+        seeds = chain(range(args.warmup), range(args.steps))  # the same views for every variant
+        seconds = benchmarking.seconds_per_call(lambda: batch_views(images, augment, next(seeds)), args.steps,
+                                                args.warmup)
         print(f"batched augmentation ({name}), two views of {len(images)} images of {size[0]}x{size[1]}: "
               f"{seconds * 1e3:.2f} ms per batch ({seconds / len(images) * 1e6:.1f} us per image)")
     return 0
 
 
-def sweep(args, header: bool = True) -> int:
+def sweep(args, argv: list[str] | None, header: bool = True) -> int:
     """Bare step in each precision x memory format, as ratios to fp32 in the default format."""
     rates = {}
     for precision in ("fp32", "bf16"):
@@ -179,14 +171,12 @@ def sweep(args, header: bool = True) -> int:
             rates[precision, channels_last] = timed_steps(bare_batches(cfg, device), fresh_step(cfg, device),
                                                           args.warmup, args.steps, cfg.train.batch_size)
     if header:
-        print(f"\n{date.today()} | {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-              f"torch {torch.__version__}, device {device} | {cfg.model.backbone} {cfg.augment.input_size}px "
-              f"batch {cfg.train.batch_size} | `python {' '.join(sys.argv)}`")
+        print("\n" + run_header(argv, cfg, device))
     base = rates["fp32", False]
-    print("\n| bare step | memory format | images/s | vs fp32, default format |\n| --- | --- | ---: | ---: |")
+    print("\n" + benchmarking.table_header("bare step", "memory format", "images/s", "vs fp32, default format", left=2))
     for (precision, channels_last), rate in rates.items():
         layout = "channels-last" if channels_last else "default"
-        print(f"| {precision} | {layout} | {rate:.1f} | {rate / base:.2f} |")
+        print(benchmarking.table_row(precision, layout, f"{rate:.1f}", f"{rate / base:.2f}"))
     return 0
 
 

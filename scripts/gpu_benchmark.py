@@ -15,11 +15,8 @@ dense bf16 peak of an H100/H200 SXM, 989 TFLOP/s).
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -27,8 +24,11 @@ import torch
 
 from ssl_pretrain.config import load_config
 from ssl_pretrain.data import open_source
+from ssl_pretrain.engine.hardware import cpu_name
 from ssl_pretrain.methods import build_model
 from ssl_pretrain.train import pretrain, resolve_device
+
+import benchmarking
 
 
 def flops_per_step(cfg, device: torch.device) -> float:
@@ -64,7 +64,7 @@ def epoch_rates(run_dir: Path) -> list[float]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmarking.argument_parser(__doc__)
     parser.add_argument("--train", required=True, help="labelled training images (image-folder layout)")
     parser.add_argument("--test", required=True, help="labelled test images")
     parser.add_argument("--config", default="configs/cifar10_resnet18.yaml")
@@ -73,23 +73,22 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    benchmarking.add_settings(parser)
     args = parser.parse_args(argv)
 
     overrides = [f"data.source={args.train}", f"train.epochs={args.epochs}", f"train.device={args.device}",
                  f"train.compile={str(args.compile).lower()}", *args.overrides]
     cfg = load_config(args.config, overrides)
     device = resolve_device(cfg.train.device)
-    started = time.perf_counter()
-    backbone_path = pretrain(cfg, args.out, overwrite=True, progress=False)
-    train_seconds = time.perf_counter() - started
+    backbone_path, train_seconds = benchmarking.timed(pretrain, cfg, args.out, overwrite=True, progress=False)
     rates = epoch_rates(Path(args.out))
     images_per_epoch = len(open_source(args.train)) // cfg.train.batch_size * cfg.train.batch_size
     steady = rates[-1]  # the first epoch pays for compilation and warm-up
     flops = flops_per_step(cfg, device)
     achieved = flops * steady / cfg.train.batch_size
     result = {
-        "date": str(date.today()), "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
+        "date": str(date.today()), "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
+        "machine": benchmarking.machine(),
         "torch": str(torch.__version__), "config": args.config, "overrides": overrides, "epochs": args.epochs,
         "train_seconds": round(train_seconds, 1), "images_per_s_by_epoch": [round(r, 1) for r in rates],
         "flops_per_image_pair_step": flops / cfg.train.batch_size, "achieved_tflops": achieved / 1e12,

@@ -17,31 +17,28 @@ the CIFAR-10 protocol; a few thousand memory images call for a smaller k).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from linear_probe.embeddings import extract_embeddings
+from linear_probe.knn import knn_classify, topk_accuracy
+from ssl_pretrain.augment.transforms import build_eval_transform
+from ssl_pretrain.checkpoint import load_backbone
+from ssl_pretrain.config import load_config
+from ssl_pretrain.data import SubsetSource
 
-from bench_methods import REPO, split_training_folder  # noqa: E402
-
-from linear_probe.embeddings import extract_embeddings  # noqa: E402
-from linear_probe.knn import knn_classify, topk_accuracy  # noqa: E402
-from ssl_pretrain.augment.transforms import build_eval_transform  # noqa: E402
-from ssl_pretrain.checkpoint import load_backbone  # noqa: E402
-from ssl_pretrain.config import load_config  # noqa: E402
-from ssl_pretrain.data import SubsetSource  # noqa: E402
+import benchmarking
+from bench_methods import REPO, split_training_folder
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmarking.argument_parser(__doc__)
     parser.add_argument("--train", required=True, help="labelled training folder (class subfolders)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--name", required=True, help="the trial's folder under --out")
@@ -51,7 +48,7 @@ def main(argv=None) -> int:
     parser.add_argument("--memory", type=int, default=10_000, help="kNN memory images from the training part")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1: one core)")
     parser.add_argument("--val-fraction", type=float, default=0.1)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    benchmarking.add_settings(parser)
     parser.add_argument("--k", type=int, default=200, help="kNN neighbours")
     parser.add_argument("--temperature", type=float, default=0.1, help="kNN vote temperature")
     parser.add_argument("--pixels", action="store_true", help="score raw pixels instead of pretraining")
@@ -69,17 +66,17 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     for override in args.overrides:
         command += ["--set", override]
-    started = time.perf_counter()
-    if args.pixels:
-        cfg = load_config(args.config, [f"data.source={paths}", f"method={args.method}", *args.overrides])
-        backbone, transform = torch.nn.Flatten(), build_eval_transform(cfg.augment.input_size, cfg.augment.mean, cfg.augment.std)
-    elif subprocess.run(command, env=env).returncode:
-        print(json.dumps({"name": args.name, "failed": True}))
-        return 1
-    else:
-        backbone, info = load_backbone(out / args.name / "backbone.safetensors")
-        transform = build_eval_transform(info.input_size, info.mean, info.std)
-    seconds = time.perf_counter() - started
+    with benchmarking.Stopwatch() as pretraining:
+        if args.pixels:
+            cfg = load_config(args.config, [f"data.source={paths}", f"method={args.method}", *args.overrides])
+            backbone = torch.nn.Flatten()
+            transform = build_eval_transform(cfg.augment.input_size, cfg.augment.mean, cfg.augment.std)
+        elif subprocess.run(command, env=env).returncode:
+            print(json.dumps({"name": args.name, "failed": True}))
+            return 1
+        else:
+            backbone, info = load_backbone(out / args.name / "backbone.safetensors")
+            transform = build_eval_transform(info.input_size, info.mean, info.std)
     rows = np.random.default_rng(0).choice(len(train), min(args.memory, len(train)), replace=False)
     memory = extract_embeddings(backbone, SubsetSource(train, rows), transform, 512, torch.device("cpu"), progress=False)
     queries = extract_embeddings(backbone, val, transform, 512, torch.device("cpu"), progress=False)
@@ -92,7 +89,7 @@ def main(argv=None) -> int:
               "epochs": 0 if args.pixels else args.epochs, "set": args.overrides,
               "knn_val": round(float(top1), 4), "memory": len(rows), "k": args.k,
               "losses": [round(r["loss_mean"], 4) for r in records if r.get("loss_mean") is not None],
-              "collapsed": any(r.get("collapsed") for r in records), "seconds": round(seconds)}
+              "collapsed": any(r.get("collapsed") for r in records), "seconds": round(pretraining.seconds)}
     print(json.dumps(result))
     with (out / "results.jsonl").open("a") as handle:
         handle.write(json.dumps(result) + "\n")

@@ -5,6 +5,10 @@ ONNX: torch's dynamo exporter, opset 18, a dynamic batch dimension; input ``imag
 ``(batch, C)``. After writing, the file is run with onnxruntime (when installed) on a batch of
 the same inputs as the PyTorch model, and the largest absolute difference of the logits is
 reported; over ``TOLERANCE`` the export is refused and nothing is left behind.
+
+``quantize="int8"`` then also writes ``classifier.int8.onnx`` (``ssl_classifier.quantize``):
+static int8, calibrated on the user's images and kept only if it classifies held-out labelled
+images within a point of the fp32 file.
 """
 
 from __future__ import annotations
@@ -17,12 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssl_classifier.model import ONNX_FILE, TORCHSCRIPT_FILE, ClassifierError, load_network, resolve_model_dir
+from ssl_classifier.model import (ONNX_FILE, ONNX_INT8_FILE, TORCHSCRIPT_FILE, ClassifierError, load_network,
+                                  read_info, resolve_model_dir)
+from ssl_classifier.quantize import (MAX_ACCURACY_DROP, QuantizationCheck, calibration_batches, check_int8,
+                                     default_calibration_source, default_check_source, quantize_onnx)
 from ssl_pretrain.checkpoint import atomic_write
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
+QUANTIZATIONS = ("int8",)
 OPSET = 18
 TOLERANCE = 1e-4
 """Largest absolute logit difference accepted between the export and PyTorch (float32 noise
@@ -34,6 +42,8 @@ class ExportResult:
     path: Path
     format: str
     max_abs_diff: float | None  # None: onnxruntime not installed, not checked
+    int8_path: Path | None = None
+    int8_check: QuantizationCheck | None = None
 
 
 def _check_batch(input_size: int, count: int = 4, seed: int = 0) -> torch.Tensor:
@@ -75,20 +85,32 @@ def onnx_max_abs_diff(payload: bytes, network, inputs: torch.Tensor) -> float | 
     return float(np.abs(ours - reference).max())
 
 
-def export_classifier(model_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None) -> ExportResult:
+def export_classifier(model_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None,
+                      quantize: str | None = None, calibration: str | None = None,
+                      check_data: str | None = None) -> ExportResult:
     """Export the classifier in ``model_dir`` (default file: inside it, next to the weights).
 
+    Args:
+        quantize: ``"int8"`` (ONNX only): also write the int8 file (``out``, else
+            ``classifier.int8.onnx`` in the model folder), calibrated on ``calibration`` (default:
+            the training images) and checked on the labelled ``check_data`` (default: the test set
+            given at training).
+
     Raises:
-        ClassifierError: an unknown format, a model that cannot be loaded, or an export whose
-            logits differ from PyTorch's by more than ``TOLERANCE``.
+        ClassifierError: an unknown format, a model that cannot be loaded, an export whose
+            logits differ from PyTorch's by more than ``TOLERANCE``, or an int8 file that loses
+            more than a point of accuracy (both figures in the message; nothing int8 written).
     """
     if fmt not in FORMATS:
         raise ClassifierError(f"unknown export format '{fmt}': choose {' or '.join(FORMATS)}")
+    if quantize is not None and (quantize not in QUANTIZATIONS or fmt != "onnx"):
+        raise ClassifierError(f"--quantize {quantize}: only int8, and only with --format onnx")
     model_dir = resolve_model_dir(model_dir)
     network, info = load_network(model_dir)
     network = network.float().eval()
     inputs = _check_batch(info.input_size)
-    path = Path(out) if out else model_dir / (ONNX_FILE if fmt == "onnx" else TORCHSCRIPT_FILE)
+    default = model_dir / (ONNX_FILE if fmt == "onnx" else TORCHSCRIPT_FILE)
+    path = Path(out) if out and not quantize else default
     if fmt == "onnx":
         payload = _onnx_bytes(network, inputs[:2])
         diff = onnx_max_abs_diff(payload, network, inputs)
@@ -102,7 +124,35 @@ def export_classifier(model_dir: str | Path, fmt: str = "onnx", out: str | Path 
         atomic_write(path, lambda file: torch.jit.save(traced, file))
     log.info("exported %s to %s (max |logit difference| vs PyTorch %s)", fmt, path,
              "not checked: onnxruntime not installed" if diff is None else f"{diff:.2e}")
-    return ExportResult(path, fmt, diff)
+    result = ExportResult(path, fmt, diff)
+    if quantize:
+        target = Path(out) if out else model_dir / ONNX_INT8_FILE
+        result.int8_path, result.int8_check = target, _export_int8(path, target, read_info(model_dir),
+                                                                   calibration, check_data)
+    return result
+
+
+def _export_int8(fp32_path: Path, target: Path, info, calibration: str | None, check_data: str | None):
+    """Quantise, check against fp32, and only then move the int8 file into place."""
+    check_spec = check_data or default_check_source(info)
+    calibration_spec = calibration or default_calibration_source(info)
+    batches, skipped_calibration = calibration_batches(calibration_spec, info.input_size)
+    with tempfile.TemporaryDirectory(dir=target.parent if target.parent.is_dir() else None) as folder:
+        candidate = Path(folder) / target.name
+        quantize_onnx(fp32_path, candidate, batches)
+        check, skipped_check = check_int8(fp32_path, candidate, info, check_spec)
+        check.calibration_images, check.skipped = len(batches), skipped_calibration + skipped_check
+        if check.skipped:
+            log.warning("int8 export: %d unreadable image(s) skipped (calibration %d, check %d)",
+                        check.skipped, skipped_calibration, skipped_check)
+        if not check.acceptable():
+            raise ClassifierError(f"the int8 model loses more than {100 * MAX_ACCURACY_DROP:g} point of accuracy: "
+                                  f"{check.describe()}; nothing int8 was written (the fp32 file stands)")
+        payload = candidate.read_bytes()
+    atomic_write(target, lambda file: file.write(payload))
+    log.info("int8 -> %s, calibrated on %d images of %s: %s (labels agree on %.1f%%)", target,
+             check.calibration_images, calibration_spec, check.describe(), 100 * check.agreement)
+    return check
 
 
 def _refuse_if_off(diff: float | None, fmt: str) -> None:

@@ -23,16 +23,19 @@ import torch
 from torch import nn
 
 from ssl_pretrain.checkpoint import CheckpointError, atomic_write, load_state_dict_strict
+from ssl_pretrain.errors import SSLError
+from ssl_pretrain.models.backbones import build_backbone
 
 MODEL_FILE = "classifier.safetensors"
 INFO_FILE = "classifier.json"
 ONNX_FILE = "classifier.onnx"
+ONNX_INT8_FILE = "classifier.int8.onnx"
 TORCHSCRIPT_FILE = "classifier.torchscript.pt"
 FORMAT = "ssl_classifier/classifier"
 FORMAT_VERSION = 1
 
 
-class ClassifierError(ValueError):
+class ClassifierError(SSLError, ValueError):
     """A classifier that cannot be trained, loaded or used as asked; the message is one line."""
 
 
@@ -116,8 +119,6 @@ class ImageClassifier(nn.Module):
 
 def build_network(info: ClassifierInfo) -> ImageClassifier:
     """The classifier of ``info`` with random weights (to load a state dict into)."""
-    from ssl_pretrain.models.backbones import build_backbone
-
     try:
         backbone, _ = build_backbone(info.architecture, info.small_stem, info.input_size)
     except ValueError as error:

@@ -1,9 +1,16 @@
 """A saved classifier on new images: ``Classifier.load(dir).predict(images)`` and ``ssl-predict``.
 
-Two runtimes behind one interface: ``torch`` (the safetensors weights, rebuilt) and
-``onnxruntime`` (``classifier.onnx`` from ``ssl-export``: no torch model code at inference).
-Both take the same preprocessed input (``ssl_classifier.preprocess``), so they agree to float
-rounding.
+Three runtimes behind one interface: ``torch`` (the safetensors weights, rebuilt), and two that
+run the ONNX file from ``ssl-export`` without torch model code: ``openvino`` (an optional extra)
+and ``onnxruntime``. ``auto`` (the default) takes the fastest one installed for the files in the
+folder: the int8 file where one was exported (it passed its accuracy check at export) in
+OpenVINO, else onnxruntime; the fp32 file in onnxruntime, else OpenVINO; torch where there is no
+ONNX file (the order is measured: BENCHMARKS.md, "Classifier latency"). All take the same preprocessed input
+(``ssl_classifier.preprocess``), so they agree to float (or int8) rounding.
+
+One camera frame at a time: ``predict`` on a single ``(H, W, 3)`` uint8 array or on JPEG bytes
+reuses one input buffer and the runtime's session, and decodes a JPEG at reduced size where the
+input size allows (DCT scaling).
 
 Files are streamed: paths are decoded by worker processes a few batches ahead of the network, and each batch's rows are written
 before the next is read, so memory stays bounded by ``batch_size x prefetch`` images whatever the
@@ -16,6 +23,7 @@ import csv
 import json
 import logging
 import os
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,13 +33,20 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from ssl_classifier.model import ONNX_FILE, ClassifierError, ClassifierInfo, read_info, resolve_model_dir
+from ssl_classifier.model import (ONNX_FILE, ONNX_INT8_FILE, ClassifierError, ClassifierInfo, read_info,
+                                  resolve_model_dir)
 from ssl_classifier.preprocess import as_pil, resize_and_crop, to_input
-from ssl_pretrain.data import UnreadableImage, usable_cores
+from ssl_pretrain.data import UnreadableImage
+from ssl_pretrain.engine.devices import usable_cores
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("torch", "onnxruntime")
+RUNTIMES = ("auto", "openvino", "onnxruntime", "torch")
+ONNX_RUNTIMES = ("openvino", "onnxruntime")
+FASTEST = {"int8": ("openvino", "onnxruntime"), "fp32": ("onnxruntime", "openvino")}
+"""Runtimes of the ONNX file by precision, fastest first: OpenVINO's int8 kernels beat
+onnxruntime's, onnxruntime's fp32 calls cost less (BENCHMARKS.md, "Classifier latency")."""
+PRECISIONS = ("auto", "int8", "fp32")
 
 
 @dataclass
@@ -55,7 +70,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def _torch_runner(model_dir: Path, device: str, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
     import torch
 
-    from linear_probe.evaluate import resolve_device
+    from ssl_pretrain.engine.devices import resolve_device
     from ssl_classifier.model import load_network
 
     network, _ = load_network(model_dir)
@@ -77,14 +92,53 @@ def _torch_runner(model_dir: Path, device: str, threads: int | None) -> Callable
     return run
 
 
-def _onnx_runner(model_dir: Path, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
-    try:
-        import onnxruntime
-    except ImportError:
-        raise ClassifierError("the onnxruntime runtime needs the onnxruntime package (pip install onnxruntime)") from None
-    path = model_dir / ONNX_FILE
-    if not path.is_file():
+def _installed(runtime: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(runtime) is not None
+
+
+def _onnx_file(model_dir: Path, precision: str) -> Path | None:
+    """The ONNX file ``precision`` asks for (``auto``: int8 where exported, else fp32), or None."""
+    if precision not in PRECISIONS:
+        raise ClassifierError(f"unknown precision '{precision}': choose {', '.join(PRECISIONS)}")
+    int8, fp32 = model_dir / ONNX_INT8_FILE, model_dir / ONNX_FILE
+    if precision == "int8" and not int8.is_file():
+        raise ClassifierError(f"{model_dir} has no {ONNX_INT8_FILE}: run ssl-export --model {model_dir} "
+                              "--format onnx --quantize int8")
+    if precision in ("auto", "int8") and int8.is_file():
+        return int8
+    return fp32 if fp32.is_file() else None
+
+
+def choose_runtime(model_dir: Path, runtime: str = "auto", precision: str = "auto") -> tuple[str, Path | None]:
+    """``(runtime, ONNX file or None)`` for a model folder: what ``auto`` picks, or checks of an
+    explicit choice (one-line errors naming the fix)."""
+    if runtime not in RUNTIMES:
+        raise ClassifierError(f"unknown runtime '{runtime}': choose {', '.join(RUNTIMES)}")
+    onnx = _onnx_file(model_dir, precision)
+    if runtime == "torch":
+        if precision == "int8":
+            raise ClassifierError("int8 runs in an ONNX runtime (openvino or onnxruntime), not torch")
+        return "torch", None
+    if runtime == "auto":
+        precision_of_file = "int8" if onnx is not None and onnx.name == ONNX_INT8_FILE else "fp32"
+        installed = [name for name in FASTEST[precision_of_file] if _installed(name)]
+        if onnx is None or not installed:
+            if precision == "int8":
+                raise ClassifierError("int8 needs openvino or onnxruntime installed (pip install onnxruntime)")
+            return "torch", None
+        return installed[0], onnx
+    if onnx is None:
         raise ClassifierError(f"{model_dir} has no {ONNX_FILE}: run ssl-export --model {model_dir} --format onnx")
+    if not _installed(runtime):
+        raise ClassifierError(f"the {runtime} runtime needs the {runtime} package (pip install {runtime})")
+    return runtime, onnx
+
+
+def _onnx_runner(path: Path, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime
+
     options = onnxruntime.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
@@ -96,6 +150,23 @@ def _onnx_runner(model_dir: Path, threads: int | None) -> Callable[[np.ndarray],
     return lambda batch: session.run(None, {name: batch})[0]
 
 
+def _openvino_runner(path: Path, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
+    """OpenVINO reading the ONNX file, compiled for the CPU with its latency hint; one infer
+    request, reused (a batch of any size: the file's batch dimension is dynamic)."""
+    import openvino
+
+    config = {"PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    try:
+        compiled = openvino.Core().compile_model(str(path), "CPU", config)
+    except Exception as error:  # noqa: BLE001 - OpenVINO raises RuntimeError with multi-line reports
+        raise ClassifierError(f"{path} could not be loaded by openvino: {str(error).splitlines()[0][:160]}") from None
+    request, output = compiled.create_infer_request(), compiled.output(0)
+    # the request's output memory is reused by the next call: the caller gets its own copy
+    return lambda batch: np.array(request.infer({0: batch})[output], copy=True)
+
+
 class Classifier:
     """A trained classifier, ready to run on images.
 
@@ -104,24 +175,34 @@ class Classifier:
         >>> classifier.predict(["scan1.png", pil_image])[0].label
     """
 
-    def __init__(self, info: ClassifierInfo, run: Callable[[np.ndarray], np.ndarray], runtime: str):
-        self.info, self._run, self.runtime = info, run, runtime
+    def __init__(self, info: ClassifierInfo, run: Callable[[np.ndarray], np.ndarray], runtime: str,
+                 precision: str = "fp32"):
+        self.info, self._run, self.runtime, self.precision = info, run, runtime, precision
+        self._frame = np.empty((1, 3, info.input_size, info.input_size), dtype=np.float32)  # one frame's input
 
     @classmethod
-    def load(cls, model_dir: str | Path, runtime: str = "torch", device: str = "cpu",
-             threads: int | None = None) -> "Classifier":
-        """Load a model folder written by ``ssl-finetune`` (``runtime="onnxruntime"``: its
-        ``classifier.onnx``, written by ``ssl-export``).
+    def load(cls, model_dir: str | Path, runtime: str = "auto", device: str = "cpu",
+             threads: int | None = None, precision: str = "auto") -> "Classifier":
+        """Load a model folder written by ``ssl-finetune`` (and ``ssl-export``).
+
+        Args:
+            runtime: ``auto`` (the fastest installed for the folder's files: ``choose_runtime``),
+                ``openvino``, ``onnxruntime`` or ``torch``.
+            precision: ``auto`` (int8 where an int8 file was exported), ``int8`` or ``fp32``.
 
         Raises:
-            ClassifierError: missing, truncated or foreign files (one line).
+            ClassifierError: missing, truncated or foreign files, a runtime that is not installed (one line).
         """
-        if runtime not in RUNTIMES:
-            raise ClassifierError(f"unknown runtime '{runtime}': choose {' or '.join(RUNTIMES)}")
         model_dir = resolve_model_dir(model_dir)
         info = read_info(model_dir)
-        run = _torch_runner(model_dir, device, threads) if runtime == "torch" else _onnx_runner(model_dir, threads)
-        return cls(info, run, runtime)
+        runtime, onnx = choose_runtime(model_dir, runtime, precision)
+        if runtime == "torch":
+            run = _torch_runner(model_dir, device, threads)
+        else:
+            run = (_openvino_runner if runtime == "openvino" else _onnx_runner)(onnx, threads)
+        used = "int8" if onnx is not None and onnx.name == ONNX_INT8_FILE else "fp32"
+        log.info("runtime: %s, %s%s", runtime, used, f" ({onnx.name})" if onnx is not None else "")
+        return cls(info, run, runtime, used)
 
     @property
     def classes(self) -> list[str]:
@@ -133,7 +214,7 @@ class Classifier:
 
     def preprocess(self, image: Any) -> np.ndarray:
         """A path, PIL image, array or tensor -> ``(3, S, S)`` float32 (raises ``UnreadableImage``)."""
-        return to_input(as_pil(image), self.info.input_size)
+        return to_input(as_pil(image, min_side=self.info.input_size), self.info.input_size)
 
     def predict_proba(self, images: Iterable[Any], batch_size: int = 64) -> np.ndarray:
         """``(N, C)`` class probabilities; raises ``UnreadableImage`` for an image it cannot read."""
@@ -144,10 +225,14 @@ class Classifier:
                                for start in range(0, len(inputs), batch_size)])
 
     def predict(self, images: Any, top_k: int = 5, batch_size: int = 64) -> list[Prediction]:
-        """Predictions for PIL images, paths, arrays or tensors (one, or a list/batch of them).
+        """Predictions for PIL images, paths, encoded image bytes, arrays or tensors (one, or a
+        list/batch of them).
 
         An image that cannot be read gets a ``Prediction`` with its ``error`` set.
         """
+        if isinstance(images, (bytes, bytearray, memoryview)) or (
+                isinstance(images, np.ndarray) and images.ndim == 3 and images.shape[-1] == 3):
+            return [self.predict_frame(images, top_k)]
         if hasattr(images, "ndim"):  # an array or tensor: one image, or a batch along the first axis
             images = list(images) if images.ndim == 4 else [images]
         elif isinstance(images, (str, Path, Image.Image)):
@@ -155,15 +240,31 @@ class Classifier:
         items = [(_name(image, index), image) for index, image in enumerate(images)]
         return list(self._predict_items(items, top_k, batch_size, workers=0))
 
+    def predict_frame(self, frame: Any, top_k: int = 5) -> Prediction:
+        """One camera frame (an ``(H, W, 3)`` uint8 RGB array, JPEG bytes, or anything ``predict``
+        takes) -> its ``Prediction``, through the one input buffer this classifier keeps: no pool,
+        no thread, no batch assembly per call. JPEG bytes decode at reduced size where the input
+        size allows."""
+        size = self.info.input_size
+        try:
+            pixels = np.asarray(resize_and_crop(as_pil(frame, min_side=size), size), dtype=np.uint8)
+        except UnreadableImage as error:
+            return Prediction(_name(frame, 0), error=str(error) or "unreadable")
+        np.multiply(pixels.transpose(2, 0, 1), np.float32(1.0 / 255.0), out=self._frame[0], casting="unsafe")
+        probabilities = softmax(self._run(self._frame))
+        return next(_rows([_name(frame, 0)], probabilities, [None], self.classes, min(top_k, len(self.classes))))
+
     def _predict_items(self, items: Iterable[tuple[str, Any]], top_k: int, batch_size: int,
                        workers: int) -> Iterator[Prediction]:
-        for names, pixels, errors in _prepared_batches(items, self.info.input_size, batch_size, workers):
+        fork = "openvino" not in sys.modules  # its thread pool does not survive a fork (_process_pool)
+        for names, pixels, errors in _prepared_batches(items, self.info.input_size, batch_size, workers, fork=fork):
             probabilities = softmax(self.logits(_to_float(pixels))) if len(pixels) else None
             yield from _rows(names, probabilities, errors, self.classes, top_k)
 
 
 def _name(image: Any, index: int) -> str:
     return str(image) if isinstance(image, (str, Path)) else f"image-{index}"
+
 
 
 def _to_float(pixels: np.ndarray) -> np.ndarray:
@@ -182,7 +283,7 @@ def _prepare_chunk(chunk: list[tuple[str, Any]], size: int):
     for name, image in chunk:
         names.append(name)
         try:
-            pixels[count] = np.asarray(resize_and_crop(as_pil(image), size), dtype=np.uint8)
+            pixels[count] = np.asarray(resize_and_crop(as_pil(image, min_side=size), size), dtype=np.uint8)
             count += 1
             errors.append(None)
         except UnreadableImage as error:
@@ -201,17 +302,20 @@ def _chunks(items: Iterable[tuple[str, Any]], size: int) -> Iterator[list[tuple[
         yield chunk
 
 
-def _process_pool(workers: int):
+def _process_pool(workers: int, fork: bool = True):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    # fork: the workers start at once and inherit the imports; they run Pillow and NumPy only
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    # fork: the workers start at once and inherit the imports; they run Pillow and NumPy only.
+    # Not after OpenVINO has started its thread pool (TBB), which a forked copy would inherit
+    # half-alive: forkserver starts the workers from a clean process instead.
+    methods = multiprocessing.get_all_start_methods()
+    method = "fork" if fork and "fork" in methods else "forkserver" if "forkserver" in methods else "spawn"
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
 
 
 def _prepared_batches(items: Iterable[tuple[str, Any]], size: int, batch_size: int, workers: int,
-                      prefetch: int = 2):
+                      prefetch: int = 2, fork: bool = True):
     """``_prepare_chunk`` of every batch, in order.
 
     With ``workers``, batches are decoded by that many processes, up to ``workers + prefetch``
@@ -222,7 +326,7 @@ def _prepared_batches(items: Iterable[tuple[str, Any]], size: int, batch_size: i
     if workers <= 0:
         yield from (_prepare_chunk(chunk, size) for chunk in _chunks(items, batch_size))
         return
-    with _process_pool(workers) as pool:
+    with _process_pool(workers, fork) as pool:
         pending: deque = deque()
         for chunk in _chunks(items, batch_size):
             pending.append(pool.submit(_prepare_chunk, chunk, size))

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ssl_pretrain.data import DEFAULT_MAX_PIXELS, UnreadableImage, load_image, to_rgb
+from ssl_pretrain.data.images import decode_image_bytes
 
 
 def resize_and_crop(image: Image.Image, size: int) -> Image.Image:
@@ -39,16 +40,20 @@ def to_input(image: Image.Image, size: int) -> np.ndarray:
     return pixels.transpose(2, 0, 1).astype(np.float32) * np.float32(1.0 / 255.0)
 
 
-def as_pil(item: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """A path, a PIL image, a NumPy array ``(H, W[, C])`` or a tensor ``(C, H, W)`` -> RGB PIL.
+def as_pil(item: Any, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> Image.Image:
+    """A path, encoded image bytes (a JPEG from a camera), a PIL image, a NumPy array
+    ``(H, W[, C])`` or a tensor ``(C, H, W)`` -> RGB PIL.
 
-    Arrays and tensors of integers are read as 0-255, of floats as 0-1.
+    Arrays and tensors of integers are read as 0-255, of floats as 0-1. ``min_side``: a JPEG
+    (file or bytes) is decoded at reduced size (DCT scaling) while both sides stay at least this long.
 
     Raises:
-        UnreadableImage: a file that cannot be decoded, or an array of an unusable shape.
+        UnreadableImage: a file or bytes that cannot be decoded, or an array of an unusable shape.
     """
     if isinstance(item, (str, Path)):
-        return load_image(str(item), max_pixels)
+        return load_image(str(item), max_pixels, min_side)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return decode_image_bytes(bytes(item), max_pixels, min_side)
     if isinstance(item, Image.Image):
         return to_rgb(item)
     if hasattr(item, "detach"):  # a torch tensor, channels first

@@ -28,16 +28,16 @@ import torch
 from torch import nn
 
 from linear_probe.embeddings import extract_embeddings, fingerprint_module
-from linear_probe.evaluate import check_same_classes, decoded_in_memory, resolve_device
 from linear_probe.finetune import prepare_scoring, training_route
 from linear_probe.linear import Standardise, feature_batches
 from linear_probe.metrics import classification_metrics
 from linear_probe.splits import LabelBudget, sample_label_subset, stratified_split
 from linear_probe.training import train_with_early_stopping, validation_interval
 from ssl_classifier.model import INFO_FILE, MODEL_FILE, ClassifierError, ClassifierInfo, ImageClassifier, save_classifier
-from ssl_pretrain.models.warm_start import load_any_backbone
-from ssl_pretrain.data import SubsetSource, open_source
 from ssl_pretrain.augment.transforms import build_eval_transform
+from ssl_pretrain.data import SubsetSource, check_same_classes, decoded_in_memory, open_source
+from ssl_pretrain.engine.devices import resolve_device
+from ssl_pretrain.models.warm_start import load_any_backbone
 
 log = logging.getLogger(__name__)
 

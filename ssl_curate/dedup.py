@@ -1,5 +1,6 @@
 """A folder of images -> its duplicate groups, written as ``duplicates.csv``, ``duplicates.json`` and
-``duplicates.png`` (what ``ssl-dedup`` runs; ``duplicates.py`` holds the search itself).
+``duplicates.png`` (what ``ssl-dedup`` writes; ``duplicates.py`` holds the search itself, and
+``dedup_cli.find_duplicates`` embeds the images with a checkpoint's backbone and runs it).
 
 Everything is computed before anything is written, and each file is written atomically (temporary
 file, then rename), the JSON last: a failed run leaves ``--out`` as it was, and a folder with
@@ -13,17 +14,15 @@ import hashlib
 import io
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ssl_curate.duplicates import (DEFAULT_THRESHOLD, DuplicateError, DuplicateGroup, check_threshold,
-                                   describe_groups, find_exact_duplicates, find_near_duplicates)
-from ssl_pretrain.checkpoint import atomic_write, resolve_backbone_path
-from ssl_pretrain.data import FileSource, UnreadableImage, check_readable, open_source
+from ssl_curate.duplicates import DuplicateError, DuplicateGroup, find_exact_duplicates
+from ssl_pretrain.checkpoint import atomic_write
+from ssl_pretrain.data import FileSource, UnreadableImage
 
 log = logging.getLogger(__name__)
 
@@ -103,61 +102,10 @@ def exact_groups_of(source) -> tuple[list[list[int]], list[tuple[str, str]]]:
     return pixel_duplicates(source)
 
 
-def _rows_of(groups: list[list[int]], rows: dict[int, int]) -> list[list[int]]:
+def rows_of(groups: list[list[int]], rows: dict[int, int]) -> list[list[int]]:
     """Source positions -> feature rows; unreadable members drop out (and groups of one)."""
     mapped = [[rows[position] for position in group if position in rows] for group in groups]
     return [group for group in mapped if len(group) > 1]
-
-
-def embed_source(checkpoint: str | Path, source, batch_size: int, device: str, progress: bool):
-    """Embeddings of every readable image with the checkpoint's backbone and eval transform."""
-    from linear_probe.embeddings import extract_embeddings
-    from linear_probe.errors import EvaluationError
-    from ssl_pretrain.checkpoint import load_backbone
-    from ssl_pretrain.data import DecodedSource, common_small_size, decode_workers
-    from ssl_pretrain.augment.transforms import build_eval_transform
-
-    check_readable(source)  # all unreadable: one line now, not a warning and then an error
-    backbone, info = load_backbone(checkpoint)
-    transform = build_eval_transform(info.input_size, info.mean, info.std)
-    size = common_small_size(source)
-    if size is not None and len(source) * size[0] * size[1] * 3 <= 2 << 30:
-        source = DecodedSource(source, size, workers=decode_workers())  # decode small images once
-    try:
-        return extract_embeddings(backbone.to(device), source, transform, batch_size=batch_size, device=device,
-                                  progress=progress)
-    except EvaluationError as error:  # nothing readable
-        raise DuplicateError(str(error)) from None
-
-
-def find_duplicates(data: str, checkpoint: str | Path | None = None, threshold: float = DEFAULT_THRESHOLD,
-                    exact_only: bool = False, batch_size: int = 256, device: str = "cpu",
-                    progress: bool = True) -> DedupResult:
-    """Exact and near-duplicate groups of the images of ``data`` (anything ``open_source`` reads).
-
-    Raises:
-        DuplicateError, DataError, CheckpointError: bad input, nothing readable (one line).
-    """
-    start = time.perf_counter()
-    if not exact_only:  # fail fast, before a large folder is read
-        check_threshold(threshold)
-        if checkpoint is None:
-            raise DuplicateError("a --checkpoint is needed for near duplicates (or pass --exact-only)")
-        resolve_backbone_path(checkpoint)
-    source = open_source(str(data))
-    exact, exact_skipped = exact_groups_of(source)
-    if exact_only:
-        names = [source.name(index) for index in range(len(source))]
-        skipped_names = {name for name, _ in exact_skipped}
-        if len(skipped_names) == len(source):
-            raise DuplicateError(f"none of the {len(source)} files could be read (first: {exact_skipped[0][1]})")
-        return DedupResult(names, describe_groups(None, exact, exact), exact_skipped, len(source), None,
-                           time.perf_counter() - start, list(range(len(source))), source)
-    embeddings = embed_source(checkpoint, source, batch_size, device, progress)
-    rows = {int(position): row for row, position in enumerate(embeddings.indices)}
-    groups = find_near_duplicates(embeddings.features, threshold, _rows_of(exact, rows))
-    return DedupResult(list(embeddings.names), groups, list(embeddings.skipped), len(source), float(threshold),
-                       time.perf_counter() - start, embeddings.indices.tolist(), source)
 
 
 # ---------------------------------------------------------------------------------------------

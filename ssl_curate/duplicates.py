@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from ssl_pretrain.errors import SSLError
+
 DEFAULT_THRESHOLD = 0.99
 QUERY_ROWS = 4096
 """Queries per range search: faiss's result lists of a block stay small unless the threshold is."""
@@ -44,7 +46,7 @@ images, and the search stops with an error rather than filling the memory."""
 READ_BYTES = 1 << 20
 
 
-class DuplicateError(ValueError):
+class DuplicateError(SSLError, ValueError):
     """A duplicate search that cannot run as asked; the message is one line."""
 
 

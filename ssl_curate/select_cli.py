@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from linear_probe.embeddings import extract_embeddings
-from linear_probe.errors import EvaluationError
 from ssl_curate.selection import STRATEGIES, Selection, SelectionError, check_request, select
-from ssl_pretrain.checkpoint import CheckpointError, atomic_write, load_backbone
-from ssl_pretrain.data import DataError, open_source
 from ssl_pretrain.augment.transforms import build_eval_transform
+from ssl_pretrain.checkpoint import atomic_write, load_backbone
+from ssl_pretrain.data import open_source
+from ssl_pretrain.errors import SSLError
 
 PROG = "ssl-select"
 GRID_COLUMNS = 10
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         paths, files = select_images(args.checkpoint, args.data, args.budget, args.strategy, args.out,
                                      seed=args.seed, overwrite=args.overwrite, plot=not args.no_plot,
                                      batch_size=args.batch_size, device=args.device, progress=not args.quiet)
-    except (DataError, CheckpointError, EvaluationError) as error:
+    except SSLError as error:
         print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

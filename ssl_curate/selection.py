@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from linear_probe.errors import EvaluationError
+from ssl_pretrain.errors import SSLError
 
 STRATEGIES = ("typiclust", "kcenter", "kmeans", "random")
 TYPICALITY_K = 20
@@ -39,7 +39,7 @@ DISTANCE_CHUNK = 1 << 16
 """Rows of one distance pass of k-center greedy (16 MB at 256-d): bounds extra memory."""
 
 
-class SelectionError(EvaluationError):
+class SelectionError(SSLError, ValueError):
     """A selection that cannot run as asked (bad budget or strategy); one-line message."""
 
 

@@ -28,13 +28,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ssl_pretrain.errors import SSLError
+from ssl_pretrain.models.backbones import build_backbone
+
 FORMAT_VERSION = 1
 CHECKPOINT_KIND = "ssl_pretrain/training-checkpoint"
 BACKBONE_FILE = "backbone.safetensors"
 LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SSLError, RuntimeError):
     """A checkpoint that cannot be written or used; the message is one line."""
 
 
@@ -231,8 +234,6 @@ def load_backbone(path: str | Path, expect_architecture: str | None = None) -> t
     Raises:
         CheckpointError: missing, unreadable or unsafe file, or an architecture mismatch.
     """
-    from ssl_pretrain.models.backbones import build_backbone
-
     path = resolve_backbone_path(path)
     tensors, info = read_backbone_file(path)
     if expect_architecture and expect_architecture != info.architecture:

@@ -1,4 +1,8 @@
-"""``ssl-pretrain``: a thin command line over ``ssl_pretrain.train.pretrain``."""
+"""``ssl-pretrain``: a thin command line over ``ssl_pretrain.train.pretrain``.
+
+It is where pretraining and evaluation meet: the command hands the loop evaluation's online kNN
+monitor (``linear_probe.monitor.KnnMonitor``), so the loop itself never imports evaluation code.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,13 @@ from typing import Optional, Sequence
 
 import yaml
 
-from ssl_pretrain.models.backbones import BACKBONES
-from ssl_pretrain.checkpoint import CheckpointError
-from ssl_pretrain.config import ConfigError, load_config
+from ssl_pretrain.config import load_config
+from ssl_pretrain.diagnostics import DivergenceError
+from ssl_pretrain.engine.run_folder import setup_console_logging
+from ssl_pretrain.errors import SSLError
 from ssl_pretrain.methods import METHODS
-from ssl_pretrain.data import DataError
-from ssl_pretrain.engine.run_folder import RunFolderError, setup_console_logging
+from ssl_pretrain.models.backbones import BACKBONES
+from ssl_pretrain.train import pretrain
 
 EPILOG = """examples:
   ssl-pretrain --config configs/demo_digits.yaml --out runs/demo
@@ -102,23 +107,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.out:
             parser.error("--out is required (the run folder)")
         setup_console_logging()
-        from ssl_pretrain.train import DivergenceError, pretrain
-
         monitor = None
         # only rank 0 monitors (torchrun sets RANK): the others need not open the monitor's data
         if cfg.monitor.train and cfg.monitor.val and os.environ.get("RANK", "0") == "0":
-            from linear_probe.monitor import KnnMonitor  # evaluation code, handed to the loop
+            # evaluation code (faiss, scikit-learn: seconds of start-up) imported only when asked for,
+            # and handed to the loop, which never imports it
+            from linear_probe.monitor import KnnMonitor
 
             monitor = KnnMonitor(cfg)
         pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
                  monitor=monitor)
-    except (ConfigError, DataError, CheckpointError, RunFolderError) as error:
-        print(f"ssl-pretrain: error: {error}", file=sys.stderr)
-        return 2
     except DivergenceError as error:
         logging.getLogger("ssl_pretrain").error("diverged: %s", error)
         print(f"ssl-pretrain: error: {error}", file=sys.stderr)
         return 3
+    except SSLError as error:
+        print(f"ssl-pretrain: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("ssl-pretrain: interrupted; continue with the same command and --resume", file=sys.stderr)
         return 130

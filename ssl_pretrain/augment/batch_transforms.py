@@ -17,7 +17,7 @@ import kornia.augmentation as K
 import torch
 from torch import nn
 
-from ssl_pretrain.config import AugmentConfig
+from ssl_pretrain.settings import AugmentConfig
 
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale

@@ -7,7 +7,7 @@ import torch
 import torchvision.transforms as T
 from lightly.transforms import SimCLRTransform
 
-from ssl_pretrain.config import AugmentConfig
+from ssl_pretrain.settings import AugmentConfig
 
 
 def build_view_transform(cfg: AugmentConfig) -> SimCLRTransform:

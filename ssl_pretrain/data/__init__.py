@@ -1,10 +1,12 @@
 """Images in: sources on disk or in memory (``sources``), tar shards (``shards``), the cached file
-index of large folders (``file_index``), the decoding of one file (``images``) and the batches of
-view pairs the training loop reads (``dataset``).
+index of large folders (``file_index``), the decoding of one file (``images``), a whole source
+decoded into memory (``decoding``) and the batches of view pairs the training loop reads
+(``dataset``).
 
 The names most callers need are importable from here: ``from ssl_pretrain.data import open_source``.
 """
 
+from ssl_pretrain.data.decoding import DecodedSource, common_small_size, decode_all, decode_workers, decoded_in_memory
 from ssl_pretrain.data.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -17,13 +19,10 @@ from ssl_pretrain.data.images import (
 )
 from ssl_pretrain.data.sources import (
     ArraySource,
-    DecodedSource,
     FileSource,
     SubsetSource,
     check_readable,
-    common_small_size,
-    decode_all,
-    decode_workers,
+    check_same_classes,
     digits_source,
     image_folder_source,
     labelled_list_source,
@@ -32,13 +31,11 @@ from ssl_pretrain.data.sources import (
     read_labelled_list,
     read_path_list,
     scan_images,
-    usable_cores,
 )
 
 __all__ = [
     "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "ArraySource", "DataError", "DecodedSource", "FileSource",
-    "ImageSource", "SubsetSource", "UnreadableImage", "check_readable", "common_small_size", "decode_all",
-    "decode_image_bytes", "decode_workers", "digits_source", "image_folder_source", "labelled_list_source",
+    "ImageSource", "SubsetSource", "UnreadableImage", "check_readable", "check_same_classes", "common_small_size", "decode_all",
+    "decode_image_bytes", "decode_workers", "decoded_in_memory", "digits_source", "image_folder_source", "labelled_list_source",
     "load_image", "open_source", "random_subset", "read_labelled_list", "read_path_list", "scan_images", "to_rgb",
-    "usable_cores",
 ]

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ssl_pretrain.augment.batch_transforms import batch_views
 from ssl_pretrain.data.images import ImageSource, UnreadableImage
+from ssl_pretrain.engine.devices import usable_cores
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -113,8 +115,6 @@ def worker_count(setting, num_samples: Optional[int] = None) -> int:
     """``auto``: one worker per core beyond the one that trains, at most 8; none for tiny data."""
     if setting != "auto":
         return int(setting)
-    from ssl_pretrain.data.sources import usable_cores
-
     cores = usable_cores()
     if num_samples is not None and num_samples < 4096:
         return 0  # worker start-up costs more than augmenting a few thousand small images
@@ -140,8 +140,6 @@ class TensorBatches:
         return len(self.sampler)
 
     def __iter__(self):
-        from ssl_pretrain.augment.batch_transforms import batch_views
-
         for offset, keys in enumerate(self.sampler):
             step = self.sampler.start_step + offset
             indices = torch.tensor([index for _, index in keys], device=self.images.device)

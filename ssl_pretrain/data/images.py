@@ -15,6 +15,8 @@ from typing import Protocol
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from ssl_pretrain.errors import SSLError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
 
@@ -22,7 +24,7 @@ DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-class DataError(ValueError):
+class DataError(SSLError, ValueError):
     """A data source that cannot be used at all (missing, empty, nothing readable)."""
 
 
@@ -52,9 +54,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _decode(opened, max_pixels: int) -> Image.Image:
+def _decode(opened, max_pixels: int, min_side: int | None = None) -> Image.Image:
     """Decode an open image file (path or binary file object); errors are turned into
-    ``UnreadableImage`` by the caller."""
+    ``UnreadableImage`` by the caller. ``min_side``: a JPEG may be decoded at 1/2, 1/4 or 1/8 of
+    its size (DCT scaling, ``Image.draft``) as long as both sides stay at least this long."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow's bomb *warning*; we enforce our own limit
         with Image.open(opened) as image:
@@ -63,14 +66,16 @@ def _decode(opened, max_pixels: int) -> Image.Image:
                 raise UnreadableImage(f"{width}x{height} exceeds {max_pixels} pixels")
             if width < 1 or height < 1:
                 raise UnreadableImage(f"degenerate size {width}x{height}")
+            if min_side and image.format == "JPEG":
+                image.draft(image.mode, (min_side, min_side))
             image.load()
             image = ImageOps.exif_transpose(image)
             return to_rgb(image)
 
 
-def _decode_or_explain(opened, max_pixels: int) -> Image.Image:
+def _decode_or_explain(opened, max_pixels: int, min_side: int | None = None) -> Image.Image:
     try:
-        return _decode(opened, max_pixels)
+        return _decode(opened, max_pixels, min_side)
     except UnreadableImage:
         raise
     except Image.DecompressionBombError as error:
@@ -84,8 +89,9 @@ def _decode_or_explain(opened, max_pixels: int) -> Image.Image:
         raise UnreadableImage(f"{type(error).__name__}: {error}") from None
 
 
-def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode ``path`` into an RGB image, honouring EXIF rotation.
+def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> Image.Image:
+    """Decode ``path`` into an RGB image, honouring EXIF rotation; ``min_side``: a JPEG may be
+    decoded at reduced size while both sides stay at least this long (``_decode``).
 
     Raises:
         UnreadableImage: not a regular file, zero bytes, not an image, truncated, or more than
@@ -99,15 +105,16 @@ def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         raise UnreadableImage("not a regular file (a FIFO, device or folder)")
     if status.st_size == 0:
         raise UnreadableImage("empty file (0 bytes)")
-    return _decode_or_explain(path, max_pixels)
+    return _decode_or_explain(path, max_pixels, min_side)
 
 
-def decode_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """``load_image`` for an image held in memory (a tar member): same checks, same RGB result.
+def decode_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> Image.Image:
+    """``load_image`` for an image held in memory (a tar member, a camera's JPEG): same checks,
+    same RGB result; ``min_side`` lets a JPEG decode at reduced size (``_decode``).
 
     Raises:
         UnreadableImage: zero bytes, not an image, truncated, or more than ``max_pixels``.
     """
     if not data:
         raise UnreadableImage("empty member (0 bytes)")
-    return _decode_or_explain(io.BytesIO(data), max_pixels)
+    return _decode_or_explain(io.BytesIO(data), max_pixels, min_side)

@@ -11,7 +11,7 @@ import torch
 from lightly.utils.lars import LARS
 from torch import nn
 
-from ssl_pretrain.config import OptimConfig
+from ssl_pretrain.settings import OptimConfig
 
 
 def scaled_lr(cfg: OptimConfig, batch_size: int) -> float:

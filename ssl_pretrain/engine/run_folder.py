@@ -18,11 +18,12 @@ from typing import Any, Optional
 import yaml
 
 from ssl_pretrain.checkpoint import BACKBONE_FILE, LAST_CHECKPOINT, atomic_write
+from ssl_pretrain.errors import SSLError
 
 log = logging.getLogger("ssl_pretrain")
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(SSLError, RuntimeError):
     """The output folder cannot be used as asked (one-line message)."""
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from ssl_pretrain.models.backbones import build_backbone
 from ssl_pretrain.checkpoint import BackboneInfo, CheckpointError, load_backbone
-from ssl_pretrain.config import IMAGENET_MEAN, IMAGENET_STD
+from ssl_pretrain.settings import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 

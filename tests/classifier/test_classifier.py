@@ -19,37 +19,12 @@ from ssl_classifier.cli import export_main, finetune_main, predict_main
 from ssl_classifier.model import ClassifierError, load_network
 from ssl_classifier.preprocess import to_input
 from ssl_classifier.train import FinetuneSettings, class_weights, fold_standardisation, train_classifier
-from ssl_pretrain.data import digits_source
 from ssl_pretrain.augment.transforms import build_eval_transform
 
 from cli_checks import assert_one_line_error
-from digit_files import export_random_backbone, write_digits_folder
+from digit_files import write_digits_folder
 
 QUIET = ["--device", "cpu", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def backbone_run(tmp_path_factory) -> Path:
-    return export_random_backbone(tmp_path_factory.mktemp("run"))
-
-
-@pytest.fixture(scope="module")
-def linear_model(backbone_run, tmp_path_factory) -> Path:
-    """A linear classifier trained on the 1,347 training digits (random smallconv features)."""
-    out = tmp_path_factory.mktemp("model")
-    settings = FinetuneSettings(device="cpu", progress=False, overwrite=True, epochs=60)
-    train_classifier(backbone_run, "builtin:digits:train", out, test="builtin:digits:test", settings=settings)
-    return out
-
-
-@pytest.fixture(scope="module")
-def test_digit_files(tmp_path_factory) -> tuple[Path, list[str]]:
-    """The 450 held-out digits as PNG files and their labels, in file-name order."""
-    folder = tmp_path_factory.mktemp("test-digits")
-    source = digits_source("test")
-    for index in range(len(source)):
-        Image.fromarray(source.images[index]).save(folder / f"{index:04d}.png")
-    return folder, [str(label) for label in source.labels]
 
 
 def test_linear_classifier_is_saved_described_and_accurate_on_held_out_digits(linear_model, test_digit_files):
@@ -230,7 +205,7 @@ def test_onnx_export_matches_pytorch_and_runs_in_onnxruntime(linear_model, test_
     assert np.abs(onnx_logits - torch_logits).max() <= 1e-4
     paths = [str(path) for path in sorted(folder.glob("*.png"))[:40]]
     via_onnx = Classifier.load(model, runtime="onnxruntime").predict(paths)
-    via_torch = Classifier.load(model).predict(paths)
+    via_torch = Classifier.load(model, runtime="torch").predict(paths)
     assert [p.label for p in via_onnx] == [p.label for p in via_torch]
     np.testing.assert_allclose([p.probability for p in via_onnx], [p.probability for p in via_torch], atol=1e-4)
 

@@ -149,7 +149,7 @@ def _digits_16px(folder):
 
 
 def test_images_decoded_once_in_memory_give_the_same_embeddings(tmp_path, random_checkpoint):
-    from linear_probe.evaluate import decoded_in_memory
+    from ssl_pretrain.data import decoded_in_memory
     from ssl_pretrain.data import DecodedSource, UnreadableImage
 
     source = _digits_16px(tmp_path / "data")
@@ -202,10 +202,10 @@ def test_images_of_several_sizes_are_decoded_as_needed(tmp_path, random_checkpoi
 
 
 def test_only_small_images_of_one_size_are_held_in_memory(digits_folders, monkeypatch):
-    import linear_probe.evaluate as evaluate_module
+    import ssl_pretrain.data.decoding as decoding_module
     from ssl_pretrain.data import DecodedSource
 
     source = open_source(str(digits_folders[1]), labelled=True)  # 8x8 digits
-    assert isinstance(evaluate_module.decoded_in_memory(source), DecodedSource)
-    monkeypatch.setattr(evaluate_module, "IN_MEMORY_BYTES", len(source) * 8 * 8 * 3 - 1)
-    assert evaluate_module.decoded_in_memory(source) is source
+    assert isinstance(decoding_module.decoded_in_memory(source), DecodedSource)
+    monkeypatch.setattr(decoding_module, "IN_MEMORY_BYTES", len(source) * 8 * 8 * 3 - 1)
+    assert decoding_module.decoded_in_memory(source) is source

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from ssl_pretrain.config import Config, ConfigError, load_config, parse_override
+from ssl_pretrain.config import Config, load_config
+from ssl_pretrain.presets import parse_override
+from ssl_pretrain.settings import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 

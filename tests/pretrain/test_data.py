@@ -165,7 +165,7 @@ def test_random_subset_is_fixed_and_keeps_labels():
 
 
 def test_decoding_in_worker_processes_gives_the_same_array(tmp_path, monkeypatch):
-    import ssl_pretrain.data.sources as data_module
+    import ssl_pretrain.data.decoding as data_module
     from digit_files import write_digit_images
     from ssl_pretrain.data import decode_all
 
@@ -214,7 +214,8 @@ def test_worker_counts_follow_the_cores_this_process_may_use(monkeypatch):
     import os
 
     from ssl_pretrain.data.dataset import worker_count
-    from ssl_pretrain.data.sources import decode_workers, usable_cores
+    from ssl_pretrain.data.decoding import decode_workers
+    from ssl_pretrain.engine.devices import usable_cores
 
     if not hasattr(os, "sched_getaffinity"):
         pytest.skip("no CPU affinity on this platform")

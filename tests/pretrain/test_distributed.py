@@ -126,17 +126,17 @@ def test_two_ranks_stop_together_at_a_time_budget(tmp_path):
     """Each rank reads its own clock; the run syncs the reading (max over ranks) every step, so
     both take the same learning rates and stop at the same step - no rank left waiting in a
     collective, the run ends within its budget with one checkpoint and one export."""
-    base = [arg for arg in ARGS if arg not in ("--epochs", "1")] + ["--epochs", "10000", "--time-budget", "0.1"]
+    base = [arg for arg in ARGS if arg not in ("--epochs", "1")] + ["--epochs", "10000", "--time-budget", "0.2"]
     out = tmp_path / "budget"
     result = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                    "-m", "ssl_pretrain", *base, "--out", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr.count("time budget of 0.1 min reached") == 1
+    assert result.stderr.count("time budget of 0.2 min reached") == 1
     assert (out / "backbone.safetensors").exists()
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     # the run stops when one more step as long as the last would pass the budget; a step slower than
-    # the one before (a loaded machine) may end a fraction of a second past it
-    assert 0 < state["clock"]["elapsed_s"] < 6.0 + 1.0 and state["global_step"] > 2
+    # the one before (a loaded machine) may end a fraction of a second past it (CI: 12.05 s once)
+    assert 0 < state["clock"]["elapsed_s"] < 12.0 + 1.0 and state["global_step"] > 2
     assert state["global_step"] < 10000 * 2  # stopped by the budget, not the epochs
 
 

@@ -16,7 +16,9 @@ import yaml
 from ssl_pretrain.engine import hardware
 from ssl_pretrain.config import load_config
 from ssl_pretrain.engine.optim import BudgetClock
-from ssl_pretrain.train import FEW_EPOCHS, RunState, Step, forecast_budget, make_step, warn_large_backbone_on_cpu
+from ssl_pretrain.diagnostics import FEW_EPOCHS, forecast_budget, warn_large_backbone_on_cpu
+from ssl_pretrain.resume import RunState
+from ssl_pretrain.train import Step, make_step
 
 from tiny_runs import tiny_config
 
@@ -109,7 +111,7 @@ def test_without_amx_a_probe_decides_once_and_the_answer_is_cached(avx512_bf16_c
 def test_the_probe_times_the_run_network_and_leaves_the_run_untouched(avx512_bf16_cpu):
     from ssl_pretrain.methods import build_model
     from ssl_pretrain.engine.optim import build_optimizer, build_scheduler
-    from ssl_pretrain.train import probe_precisions
+    from ssl_pretrain.precision import probe_precisions
 
     cfg = tiny_config("train.precision=auto")
     model = build_model(cfg)
@@ -232,10 +234,10 @@ def test_a_variants_recipe_applies_to_its_method_after_the_presets_recipe(tmp_pa
 
 
 def test_without_amx_the_preset_network_is_probed_once_to_pick_the_variant(avx512_bf16_cpu, monkeypatch):
-    from ssl_pretrain import train
+    from ssl_pretrain import precision
 
     timed = []
-    monkeypatch.setattr(train, "probe_precisions",
+    monkeypatch.setattr(precision, "probe_precisions",
                         lambda cfg, device, channels_last: timed.append(cfg.model.backbone) or
                         {"fp32": 800.0, "bf16": 2000.0})
     preset = CONFIGS / "cifar10_cpu.yaml"
@@ -243,7 +245,7 @@ def test_without_amx_the_preset_network_is_probed_once_to_pick_the_variant(avx51
     assert cfg.variant is None and cfg.model.backbone == "smallconv"  # bf16 wins here: the main network
     assert load_config(preset).model.backbone == "smallconv" and timed == ["smallconv"]  # cached
     monkeypatch.setenv("SSL_PRETRAIN_CACHE", str(avx512_bf16_cpu.parent / "other"))
-    monkeypatch.setattr(train, "probe_precisions", lambda *args: {"fp32": 800.0, "bf16": 650.0})
+    monkeypatch.setattr(precision, "probe_precisions", lambda *args: {"fp32": 800.0, "bf16": 650.0})
     assert load_config(preset).model.backbone == "smallconv-xs"  # fp32 wins: the fp32 variant
 
 

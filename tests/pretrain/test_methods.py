@@ -389,7 +389,7 @@ def test_list_methods_prints_every_method(capsys):
 
 def test_another_methods_section_may_change_on_resume_but_not_the_methods_own(tmp_path):
     """Only the trained method's section is part of what a resume must keep."""
-    from ssl_pretrain.train import check_resume_compatible, method_relevant
+    from ssl_pretrain.resume import check_resume_compatible, method_relevant
 
     saved = load_config(None, ["method=byol"]).to_dict()
     check_resume_compatible(method_relevant(saved), method_relevant(

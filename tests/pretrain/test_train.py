@@ -11,7 +11,8 @@ from ssl_pretrain.checkpoint import load_backbone, load_checkpoint
 from ssl_pretrain.config import ConfigError
 from ssl_pretrain.data import DataError
 from ssl_pretrain.engine.run_folder import RunFolder, RunFolderError
-from ssl_pretrain.train import DivergenceError, pretrain
+from ssl_pretrain.diagnostics import DivergenceError
+from ssl_pretrain.train import pretrain
 
 from tiny_runs import kill_after_checkpoint, tiny_config
 

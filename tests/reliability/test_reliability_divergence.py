@@ -17,7 +17,8 @@ import torch
 
 from ssl_pretrain.checkpoint import load_backbone, load_checkpoint
 from ssl_pretrain.data import digits_source
-from ssl_pretrain.train import DivergenceError, pretrain
+from ssl_pretrain.diagnostics import DivergenceError
+from ssl_pretrain.train import pretrain
 
 from tiny_runs import tiny_config
 

@@ -75,13 +75,19 @@ def test_extract_benchmark_script(digits_folder, capsys):
     assert "| extract_embeddings, decoded once in memory |" in table and "decoding the 128 images" in table
 
 
-def test_latency_benchmark_script_has_every_runtime_and_the_end_to_end_row(capsys):
-    assert _load("bench_latency").main(["--models", "smallconv32", "--repeats", "3", "--seconds", "0.1",
-                                        "--end-to-end", "40"]) == 0
+@pytest.mark.slow  # it trains a head, quantises and times every runtime: ~20 s
+def test_latency_benchmark_script_has_every_runtime_the_frame_row_and_the_folder_row(capsys):
+    pytest.importorskip("onnxruntime")
+    assert _load("bench_latency").main(["--models", "smallconv32", "--repeats", "3", "--rounds", "2",
+                                        "--batch", "8", "--frames", "12", "--folder", "40"]) == 0
     table = capsys.readouterr().out
-    runtimes = [line.split("|")[2].strip() for line in table.splitlines() if line.startswith("| smallconv32 |")]
-    assert runtimes[0] == "torch eager (fp32)" and runtimes[-1] == "onnxruntime" and len(runtimes) >= 3
-    assert "ssl-predict on 40 PNG files" in table and "| onnxruntime |" in table
+    rows = [line.split("|") for line in table.splitlines() if line.startswith("| smallconv32 |")]
+    runtimes = [row[2].strip() for row in rows]
+    assert runtimes[:2] == ["torch eager fp32", "torch channels-last fp32"]
+    assert {"onnxruntime fp32", "onnxruntime int8"} <= set(runtimes)
+    assert all(row[-2].strip().endswith("%") for row in rows[:len(runtimes) - 1])  # a top-1 figure per runtime
+    assert "End to end, one frame: 640 x 480 JPEG bytes" in table and "ssl-predict over 40 PNG files" in table
+    assert "quiet machine" in table or "NOT QUIET" in table
 
 
 def test_digits_to_folder_writes_class_folders_and_a_label_list(tmp_path, capsys):
