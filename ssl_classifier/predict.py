@@ -3,9 +3,9 @@
 Three runtimes behind one interface: ``torch`` (the safetensors weights, rebuilt), and two that
 run the ONNX file from ``ssl-export`` without torch model code: ``openvino`` (an optional extra)
 and ``onnxruntime``. ``auto`` (the default) takes the fastest one installed for the files in the
-folder: the int8 file where one was exported (it passed its accuracy check at export) in
-OpenVINO, else onnxruntime; the fp32 file in onnxruntime, else OpenVINO; torch where there is no
-ONNX file (the order is measured: BENCHMARKS.md, "Classifier latency"). All take the same preprocessed input
+folder: the int8 file where one was exported (it passed its accuracy check at export), else the
+fp32 one, in OpenVINO, else onnxruntime; torch where there is no ONNX file (the order is
+measured: BENCHMARKS.md, "Classifier latency"). All take the same preprocessed input
 (``ssl_classifier.preprocess``), so they agree to float (or int8) rounding.
 
 One camera frame at a time: ``predict`` on a single ``(H, W, 3)`` uint8 array or on JPEG bytes
@@ -43,9 +43,9 @@ log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "openvino", "onnxruntime", "torch")
 ONNX_RUNTIMES = ("openvino", "onnxruntime")
-FASTEST = {"int8": ("openvino", "onnxruntime"), "fp32": ("onnxruntime", "openvino")}
-"""Runtimes of the ONNX file by precision, fastest first: OpenVINO's int8 kernels beat
-onnxruntime's, onnxruntime's fp32 calls cost less (BENCHMARKS.md, "Classifier latency")."""
+FASTEST = {"int8": ("openvino", "onnxruntime"), "fp32": ("openvino", "onnxruntime")}
+"""Runtimes of the ONNX file by precision, fastest first: OpenVINO ahead of onnxruntime in both
+precisions on the CPUs measured (BENCHMARKS.md, "Classifier latency")."""
 PRECISIONS = ("auto", "int8", "fp32")
 
 

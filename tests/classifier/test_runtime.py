@@ -34,16 +34,15 @@ def test_auto_takes_the_fastest_installed_runtime_for_the_file_and_torch_without
         exported_model, linear_model, monkeypatch, tmp_path):
     installed = {"openvino", "onnxruntime"}
     monkeypatch.setattr(predict_module, "_installed", lambda name: name in installed)
-    assert choose_runtime(exported_model) == ("onnxruntime", exported_model / "classifier.onnx")  # fp32
+    assert choose_runtime(exported_model) == ("openvino", exported_model / "classifier.onnx")  # fp32
     with_int8 = tmp_path / "model"
     shutil.copytree(exported_model, with_int8)
     (with_int8 / "classifier.int8.onnx").write_bytes((with_int8 / "classifier.onnx").read_bytes())  # a stand-in
     assert choose_runtime(with_int8) == ("openvino", with_int8 / "classifier.int8.onnx")
-    assert choose_runtime(with_int8, precision="fp32") == ("onnxruntime", with_int8 / "classifier.onnx")
-    installed.discard("onnxruntime")
-    assert choose_runtime(exported_model)[0] == "openvino"
+    assert choose_runtime(with_int8, precision="fp32") == ("openvino", with_int8 / "classifier.onnx")
     installed = {"onnxruntime"}
-    assert choose_runtime(with_int8)[0] == "onnxruntime"
+    assert choose_runtime(exported_model) == ("onnxruntime", exported_model / "classifier.onnx")
+    assert choose_runtime(with_int8) == ("onnxruntime", with_int8 / "classifier.int8.onnx")
     installed.clear()
     assert choose_runtime(exported_model) == ("torch", None)  # no ONNX runtime installed
     installed.add("onnxruntime")
