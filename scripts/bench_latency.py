@@ -41,7 +41,9 @@ import benchmarking
 from ssl_classifier.export import export_classifier
 from ssl_classifier.quantize import calibration_batches, quantize_onnx
 from ssl_classifier.model import ONNX_FILE, ONNX_INT8_FILE, load_network
-from ssl_classifier.predict import ONNX_RUNTIMES, Classifier, _installed, _onnx_runner, _openvino_runner, predict_files
+from ssl_classifier.predict import Classifier, predict_files
+from ssl_classifier import runtimes
+from ssl_classifier.runtimes import ONNX_RUNTIMES, onnx_runner, openvino_runner
 from ssl_classifier.train import FinetuneSettings, train_classifier
 from ssl_pretrain.checkpoint import BackboneInfo, export_backbone
 from ssl_pretrain.data import digits_source
@@ -110,8 +112,8 @@ def runners(model: Path) -> dict[str, object]:
     if cpu_bf16_native():
         found["torch channels-last bf16"] = torch_run(fast, True, True)
     for runtime in ONNX_RUNTIMES:
-        if _installed(runtime):
-            make = _openvino_runner if runtime == "openvino" else _onnx_runner
+        if runtimes.is_installed(runtime):
+            make = openvino_runner if runtime == "openvino" else onnx_runner
             for precision, file in (("fp32", ONNX_FILE), ("int8", ONNX_INT8_FILE)):
                 found[f"{runtime} {precision}"] = make(model / file, None)
     return found

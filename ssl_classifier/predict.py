@@ -3,9 +3,9 @@
 Three runtimes behind one interface: ``torch`` (the safetensors weights, rebuilt), and two that
 run the ONNX file from ``ssl-export`` without torch model code: ``openvino`` (an optional extra)
 and ``onnxruntime``. ``auto`` (the default) takes the fastest one installed for the files in the
-folder: the int8 file where one was exported (it passed its accuracy check at export), else the
-fp32 one, in OpenVINO, else onnxruntime; torch where there is no ONNX file (the order is
-measured: BENCHMARKS.md, "Classifier latency"). All take the same preprocessed input
+folder: the int8 file where one was exported (it passed its accuracy check at export) in
+OpenVINO, else onnxruntime; the fp32 file in onnxruntime, else OpenVINO; torch where there is no
+ONNX file (the order is measured: BENCHMARKS.md, "Classifier latency"). All take the same preprocessed input
 (``ssl_classifier.preprocess``), so they agree to float (or int8) rounding.
 
 One camera frame at a time: ``predict`` on a single ``(H, W, 3)`` uint8 array or on JPEG bytes
@@ -33,21 +33,13 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from ssl_classifier.model import (ONNX_FILE, ONNX_INT8_FILE, ClassifierError, ClassifierInfo, read_info,
-                                  resolve_model_dir)
+from ssl_classifier.model import ONNX_INT8_FILE, ClassifierError, ClassifierInfo, read_info, resolve_model_dir
 from ssl_classifier.preprocess import as_pil, resize_and_crop, to_input
+from ssl_classifier.runtimes import choose_runtime, onnx_runner, openvino_runner, torch_runner
 from ssl_pretrain.data import UnreadableImage
 from ssl_pretrain.engine.devices import usable_cores
 
 log = logging.getLogger(__name__)
-
-RUNTIMES = ("auto", "openvino", "onnxruntime", "torch")
-ONNX_RUNTIMES = ("openvino", "onnxruntime")
-FASTEST = {"int8": ("openvino", "onnxruntime"), "fp32": ("openvino", "onnxruntime")}
-"""Runtimes of the ONNX file by precision, fastest first: OpenVINO ahead of onnxruntime in both
-precisions on the CPUs measured (BENCHMARKS.md, "Classifier latency")."""
-PRECISIONS = ("auto", "int8", "fp32")
-
 
 @dataclass
 class Prediction:
@@ -65,106 +57,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
-
-
-def _torch_runner(model_dir: Path, device: str, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
-    import torch
-
-    from ssl_pretrain.engine.devices import resolve_device
-    from ssl_classifier.model import load_network
-
-    network, _ = load_network(model_dir)
-    target = resolve_device(device)
-    if target.type == "cpu":
-        from ssl_pretrain.engine.allocator import keep_freed_memory
-
-        keep_freed_memory()  # activations reuse heap blocks instead of fresh mmap pages every batch
-    # channels-last: faster convolutions on CPUs too (BENCHMARKS.md, "Pretraining throughput")
-    network = network.to(target).to(memory_format=torch.channels_last)
-    if threads:
-        torch.set_num_threads(threads)
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            images = torch.from_numpy(batch).to(target).contiguous(memory_format=torch.channels_last)
-            return network(images).float().cpu().numpy()
-
-    return run
-
-
-def _installed(runtime: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(runtime) is not None
-
-
-def _onnx_file(model_dir: Path, precision: str) -> Path | None:
-    """The ONNX file ``precision`` asks for (``auto``: int8 where exported, else fp32), or None."""
-    if precision not in PRECISIONS:
-        raise ClassifierError(f"unknown precision '{precision}': choose {', '.join(PRECISIONS)}")
-    int8, fp32 = model_dir / ONNX_INT8_FILE, model_dir / ONNX_FILE
-    if precision == "int8" and not int8.is_file():
-        raise ClassifierError(f"{model_dir} has no {ONNX_INT8_FILE}: run ssl-export --model {model_dir} "
-                              "--format onnx --quantize int8")
-    if precision in ("auto", "int8") and int8.is_file():
-        return int8
-    return fp32 if fp32.is_file() else None
-
-
-def choose_runtime(model_dir: Path, runtime: str = "auto", precision: str = "auto") -> tuple[str, Path | None]:
-    """``(runtime, ONNX file or None)`` for a model folder: what ``auto`` picks, or checks of an
-    explicit choice (one-line errors naming the fix)."""
-    if runtime not in RUNTIMES:
-        raise ClassifierError(f"unknown runtime '{runtime}': choose {', '.join(RUNTIMES)}")
-    onnx = _onnx_file(model_dir, precision)
-    if runtime == "torch":
-        if precision == "int8":
-            raise ClassifierError("int8 runs in an ONNX runtime (openvino or onnxruntime), not torch")
-        return "torch", None
-    if runtime == "auto":
-        precision_of_file = "int8" if onnx is not None and onnx.name == ONNX_INT8_FILE else "fp32"
-        installed = [name for name in FASTEST[precision_of_file] if _installed(name)]
-        if onnx is None or not installed:
-            if precision == "int8":
-                raise ClassifierError("int8 needs openvino or onnxruntime installed (pip install onnxruntime)")
-            return "torch", None
-        return installed[0], onnx
-    if onnx is None:
-        raise ClassifierError(f"{model_dir} has no {ONNX_FILE}: run ssl-export --model {model_dir} --format onnx")
-    if not _installed(runtime):
-        raise ClassifierError(f"the {runtime} runtime needs the {runtime} package (pip install {runtime})")
-    return runtime, onnx
-
-
-def _onnx_runner(path: Path, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    try:
-        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own unexported types
-        raise ClassifierError(f"{path} could not be loaded by onnxruntime: {str(error).splitlines()[0][:160]}") from None
-    name = session.get_inputs()[0].name
-    return lambda batch: session.run(None, {name: batch})[0]
-
-
-def _openvino_runner(path: Path, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
-    """OpenVINO reading the ONNX file, compiled for the CPU with its latency hint; one infer
-    request, reused (a batch of any size: the file's batch dimension is dynamic)."""
-    import openvino
-
-    config = {"PERFORMANCE_HINT": "LATENCY"}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
-    try:
-        compiled = openvino.Core().compile_model(str(path), "CPU", config)
-    except Exception as error:  # noqa: BLE001 - OpenVINO raises RuntimeError with multi-line reports
-        raise ClassifierError(f"{path} could not be loaded by openvino: {str(error).splitlines()[0][:160]}") from None
-    request, output = compiled.create_infer_request(), compiled.output(0)
-    # the request's output memory is reused by the next call: the caller gets its own copy
-    return lambda batch: np.array(request.infer({0: batch})[output], copy=True)
 
 
 class Classifier:
@@ -197,9 +89,9 @@ class Classifier:
         info = read_info(model_dir)
         runtime, onnx = choose_runtime(model_dir, runtime, precision)
         if runtime == "torch":
-            run = _torch_runner(model_dir, device, threads)
+            run = torch_runner(model_dir, device, threads)
         else:
-            run = (_openvino_runner if runtime == "openvino" else _onnx_runner)(onnx, threads)
+            run = (openvino_runner if runtime == "openvino" else onnx_runner)(onnx, threads)
         used = "int8" if onnx is not None and onnx.name == ONNX_INT8_FILE else "fp32"
         log.info("runtime: %s, %s%s", runtime, used, f" ({onnx.name})" if onnx is not None else "")
         return cls(info, run, runtime, used)

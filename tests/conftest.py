@@ -1,5 +1,5 @@
-"""Fixtures every test folder shares: real digits as files, a random-init checkpoint, and a
-machine-independent answer to "is bf16 fast here?".
+"""Fixtures every test folder shares: real digits as files, a random-init checkpoint, and
+machine-independent answers to "is bf16 fast here?" and "is OpenVINO installed?".
 
 Set-up that costs more than a moment is made once per test session and shared; tests that write
 must write into their own ``tmp_path``, never into these.
@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ssl_classifier import runtimes
 from ssl_pretrain.engine import hardware
 
 from digit_files import export_random_backbone, write_digit_images, write_digits_folder
@@ -32,6 +33,16 @@ def cpu_without_native_bf16(monkeypatch):
     pays for the real precision probe, which times the preset's network in both precisions
     (tens of seconds for a ResNet-18 on 2 cores)."""
     monkeypatch.setattr(hardware, "cpu_bf16_instructions", lambda: False)
+
+
+@pytest.fixture(autouse=True)
+def no_openvino_in_process(monkeypatch):
+    """Tests run the saved classifier in onnxruntime or torch, as on a machine without OpenVINO
+    (CI installs the dev extra only), so the suite behaves the same wherever it runs. OpenVINO's
+    own tests load it in a subprocess: its thread pool in the pytest process does not survive the
+    forks later tests make (data-loader and decode workers)."""
+    installed = runtimes.is_installed
+    monkeypatch.setattr(runtimes, "is_installed", lambda name: name != "openvino" and installed(name))
 
 
 @pytest.fixture(scope="session")

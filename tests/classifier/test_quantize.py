@@ -12,7 +12,7 @@ from ssl_classifier import Classifier
 from ssl_classifier import quantize
 from ssl_classifier.cli import export_main
 from ssl_classifier.model import ONNX_FILE, ONNX_INT8_FILE, read_info
-from ssl_classifier.predict import ONNX_RUNTIMES
+from ssl_classifier.runtimes import ONNX_RUNTIMES
 
 from cli_checks import assert_one_line_error
 from digit_files import write_digits_folder

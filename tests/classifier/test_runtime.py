@@ -3,18 +3,22 @@ and one camera frame at a time: an array or JPEG bytes give the file's answer.""
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from ssl_classifier import Classifier
-from ssl_classifier import predict as predict_module
+from ssl_classifier import runtimes
 from ssl_classifier.cli import export_main, predict_main
 from ssl_classifier.model import ClassifierError
-from ssl_classifier.predict import choose_runtime
+from ssl_classifier.runtimes import choose_runtime
 from ssl_pretrain.data import digits_source
 
 from cli_checks import assert_one_line_error
@@ -33,13 +37,15 @@ def exported_model(linear_model, tmp_path_factory):
 def test_auto_takes_the_fastest_installed_runtime_for_the_file_and_torch_without_one(
         exported_model, linear_model, monkeypatch, tmp_path):
     installed = {"openvino", "onnxruntime"}
-    monkeypatch.setattr(predict_module, "_installed", lambda name: name in installed)
-    assert choose_runtime(exported_model) == ("openvino", exported_model / "classifier.onnx")  # fp32
+    monkeypatch.setattr(runtimes, "is_installed", lambda name: name in installed)
+    assert choose_runtime(exported_model) == ("onnxruntime", exported_model / "classifier.onnx")  # fp32
     with_int8 = tmp_path / "model"
     shutil.copytree(exported_model, with_int8)
     (with_int8 / "classifier.int8.onnx").write_bytes((with_int8 / "classifier.onnx").read_bytes())  # a stand-in
     assert choose_runtime(with_int8) == ("openvino", with_int8 / "classifier.int8.onnx")
-    assert choose_runtime(with_int8, precision="fp32") == ("openvino", with_int8 / "classifier.onnx")
+    assert choose_runtime(with_int8, precision="fp32") == ("onnxruntime", with_int8 / "classifier.onnx")
+    installed = {"openvino"}
+    assert choose_runtime(exported_model) == ("openvino", exported_model / "classifier.onnx")
     installed = {"onnxruntime"}
     assert choose_runtime(exported_model) == ("onnxruntime", exported_model / "classifier.onnx")
     assert choose_runtime(with_int8) == ("onnxruntime", with_int8 / "classifier.int8.onnx")
@@ -55,7 +61,7 @@ def test_a_runtime_or_precision_that_cannot_be_served_is_one_line(exported_model
         choose_runtime(linear_model, "onnxruntime")
     with pytest.raises(ClassifierError, match="--quantize int8"):
         choose_runtime(exported_model, "auto", "int8")
-    monkeypatch.setattr(predict_module, "_installed", lambda name: False)
+    monkeypatch.setattr(runtimes, "is_installed", lambda name: False)
     with pytest.raises(ClassifierError, match="pip install openvino"):
         choose_runtime(exported_model, "openvino")
     status = predict_main([str(exported_model), "--model", str(exported_model), "--precision", "int8", "--quiet"])
@@ -69,6 +75,33 @@ def test_ssl_predict_says_which_runtime_it_took(exported_model, tmp_path, capsys
     assert predict_main([str(folder), "--model", str(exported_model), "--out", str(tmp_path / "p.csv")]) == 0
     printed = capsys.readouterr().out
     assert " fp32)" in printed and ("onnxruntime" in printed or "openvino" in printed)
+
+
+def test_openvino_runs_the_fp32_and_int8_files_as_onnxruntime_does(exported_model, tmp_path):
+    """In a subprocess: OpenVINO's thread pool must not live in the pytest process (conftest)."""
+    if not importlib.util.find_spec("openvino"):
+        pytest.skip("openvino is not installed (pip install -e '.[openvino]')")
+    model = tmp_path / "model"
+    shutil.copytree(exported_model, model)
+    (model / "classifier.int8.onnx").write_bytes((model / "classifier.onnx").read_bytes())  # a stand-in file
+    script = (
+        "import json, sys, numpy as np\n"
+        "from ssl_classifier import Classifier\n"
+        "from ssl_pretrain.data import digits_source\n"
+        "frames = [np.asarray(digits_source('test').load(i).resize((64, 64))) for i in range(20)]\n"
+        "out = {}\n"
+        "for runtime in ('openvino', 'onnxruntime'):\n"
+        "    for precision in ('fp32', 'int8'):\n"
+        "        c = Classifier.load(sys.argv[1], runtime=runtime, precision=precision)\n"
+        "        out[f'{c.runtime} {c.precision}'] = [c.predict_frame(f).probability for f in frames]\n"
+        "out['auto'] = Classifier.load(sys.argv[1]).runtime\n"
+        "print(json.dumps(out))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(model)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["auto"] == "openvino"  # for the int8 file
+    for precision in ("fp32", "int8"):
+        np.testing.assert_allclose(out[f"openvino {precision}"], out[f"onnxruntime {precision}"], atol=1e-4)
 
 
 def _jpeg(image: Image.Image) -> bytes:
