@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ssl_pretrain.data import shards as shards_module
+from ssl_pretrain.data import shard_index as shard_index_module
 from ssl_pretrain.data import (
     DataError,
     UnreadableImage,
@@ -191,8 +191,8 @@ def test_shard_index_is_cached_and_reread_only_for_changed_shards(tmp_path, monk
     index_file = tmp_path / "run" / "file_index.txt"
     first = open_source(str(folder), index_cache=index_file)
     read = []
-    real_index_shard = shards_module.index_shard
-    monkeypatch.setattr(shards_module, "index_shard", lambda path: read.append(path) or real_index_shard(path))
+    real_index_shard = shard_index_module.index_shard
+    monkeypatch.setattr(shard_index_module, "index_shard", lambda path: read.append(path) or real_index_shard(path))
     second = open_source(str(folder), index_cache=index_file)
     assert read == [] and len(second) == 12
     np.testing.assert_array_equal(second.offsets, first.offsets)
