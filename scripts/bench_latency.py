@@ -42,6 +42,7 @@ from ssl_classifier.export import export_classifier
 from ssl_classifier.quantize import calibration_batches, quantize_onnx
 from ssl_classifier.model import ONNX_FILE, ONNX_INT8_FILE, load_network
 from ssl_classifier.predict import Classifier, predict_files
+from ssl_classifier.preprocess import to_input
 from ssl_classifier import runtimes
 from ssl_classifier.runtimes import ONNX_RUNTIMES, onnx_runner, openvino_runner
 from ssl_classifier.train import FinetuneSettings, train_classifier
@@ -119,17 +120,22 @@ def runners(model: Path) -> dict[str, object]:
     return found
 
 
+def p50_p99(call, inputs: list) -> tuple[float, float]:
+    """``(p50, p99)`` milliseconds of ``call(x)`` for each ``x`` of ``inputs``, one call each."""
+    times = []
+    for item in inputs:
+        started = time.perf_counter()
+        call(item)
+        times.append(1000 * (time.perf_counter() - started))
+    times.sort()
+    return statistics.median(times), times[min(len(times) - 1, int(round(0.99 * (len(times) - 1))))]
+
+
 def latency_round(run, image: np.ndarray, repeats: int) -> tuple[float, float]:
     """``(p50, p99)`` milliseconds of ``repeats`` calls on one image, after a short warm-up."""
     for _ in range(5):
         run(image)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run(image)
-        times.append(1000 * (time.perf_counter() - started))
-    times.sort()
-    return statistics.median(times), times[min(len(times) - 1, int(round(0.99 * (len(times) - 1))))]
+    return p50_p99(run, [image] * repeats)
 
 
 def median_round(rounds: list[tuple[float, float]]) -> tuple[float, float]:
@@ -141,8 +147,7 @@ def median_round(rounds: list[tuple[float, float]]) -> tuple[float, float]:
 def test_inputs(size: int) -> tuple[np.ndarray, np.ndarray]:
     """The 450 test digits as the classifier sees them, ``(N, 3, S, S)`` float32, and their labels."""
     source = digits_source("test")
-    images = np.stack([np.asarray(source.load(index).resize((size, size), Image.BICUBIC)) for index in range(len(source))])
-    return images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0, source.labels
+    return np.stack([to_input(source.load(index), size) for index in range(len(source))]), source.labels
 
 
 def accuracy(run, inputs: np.ndarray, labels: np.ndarray, batch: int = 64) -> float:
@@ -166,13 +171,7 @@ def frame_latency(classifier: Classifier, frames: list[bytes]) -> tuple[float, f
     """``(p50, p99)`` ms of JPEG bytes -> label, one frame per call."""
     for frame in frames[:10]:
         classifier.predict_frame(frame)
-    times = []
-    for frame in frames:
-        started = time.perf_counter()
-        classifier.predict_frame(frame)
-        times.append(1000 * (time.perf_counter() - started))
-    times.sort()
-    return statistics.median(times), times[min(len(times) - 1, int(round(0.99 * (len(times) - 1))))]
+    return p50_p99(classifier.predict_frame, frames)
 
 
 def bench_model(name: str, args, root: Path) -> tuple[list[dict], dict]:

@@ -1,12 +1,8 @@
 """A saved classifier on new images: ``Classifier.load(dir).predict(images)`` and ``ssl-predict``.
 
-Three runtimes behind one interface: ``torch`` (the safetensors weights, rebuilt), and two that
-run the ONNX file from ``ssl-export`` without torch model code: ``openvino`` (an optional extra)
-and ``onnxruntime``. ``auto`` (the default) takes the fastest one installed for the files in the
-folder: the int8 file where one was exported (it passed its accuracy check at export) in
-OpenVINO, else onnxruntime; the fp32 file in onnxruntime, else OpenVINO; torch where there is no
-ONNX file (the order is measured: BENCHMARKS.md, "Classifier latency"). All take the same preprocessed input
-(``ssl_classifier.preprocess``), so they agree to float (or int8) rounding.
+The runtimes (torch, or the ONNX file from ``ssl-export`` in OpenVINO or onnxruntime, fp32 or
+int8; ``auto`` takes the fastest installed) are in ``ssl_classifier.runtimes``. All take the same
+preprocessed input (``ssl_classifier.preprocess``), so they agree to float (or int8) rounding.
 
 One camera frame at a time: ``predict`` on a single ``(H, W, 3)`` uint8 array or on JPEG bytes
 reuses one input buffer and the runtime's session, and decodes a JPEG at reduced size where the

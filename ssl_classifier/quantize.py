@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from ssl_classifier.model import ClassifierError, ClassifierInfo
-from ssl_classifier.preprocess import resize_and_crop
+from ssl_classifier.preprocess import to_input
 from ssl_pretrain.data import DataError, UnreadableImage, open_source
 
 log = logging.getLogger(__name__)
@@ -77,10 +77,9 @@ def _inputs(source, positions: np.ndarray, size: int) -> Iterator[tuple[int, np.
     """``(position, (3, S, S) float32 in [0, 1])`` of each readable image, as the classifier sees it."""
     for position in positions:
         try:
-            pixels = np.asarray(resize_and_crop(source.load(int(position)), size), dtype=np.uint8)
+            yield int(position), to_input(source.load(int(position)), size)
         except UnreadableImage:
             continue
-        yield int(position), pixels.transpose(2, 0, 1).astype(np.float32) * np.float32(1.0 / 255.0)
 
 
 def calibration_batches(spec: str, size: int, count: int = CALIBRATION_IMAGES) -> tuple[list[np.ndarray], int]:
@@ -115,17 +114,17 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, batches: list[np.ndarray]) -
         raise ClassifierError("int8 export needs onnxruntime (pip install onnxruntime)") from None
 
     import onnx
-    import onnxruntime
 
-    name = onnxruntime.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
     with tempfile.TemporaryDirectory() as folder:
         prepared = Path(folder) / "prepared.onnx"
         # shape inference and graph clean-up first, as onnxruntime recommends before quantising
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        head = [node.name for node in onnx.load(str(prepared)).graph.node if node.op_type in ("Gemm", "MatMul")]
-        quantize_static(str(prepared), str(int8_path), _Reader(name, batches), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head)
+        graph = onnx.load(str(prepared)).graph
+        head = [node.name for node in graph.node if node.op_type in ("Gemm", "MatMul")]
+        quantize_static(str(prepared), str(int8_path), _Reader(graph.input[0].name, batches),
+                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                        nodes_to_exclude=head)
 
 
 def _logits(path: Path, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -169,13 +168,18 @@ def check_int8(fp32_path: Path, int8_path: Path, info: ClassifierInfo, spec: str
     return check, len(positions) - len(pairs)
 
 
+def _recorded_data(info: ClassifierInfo, role: str) -> str | None:
+    """The data spec ``classifier.json`` recorded for ``role`` (``train``, ``test``) at training."""
+    return ((info.training or {}).get("data") or {}).get(role)
+
+
 def default_check_source(info: ClassifierInfo) -> str:
     """The held-out labelled set the classifier was scored on at training (``--test``), if any.
 
     Raises:
         ClassifierError: none was recorded; the user must name one (``--check-data``).
     """
-    test = ((info.training or {}).get("data") or {}).get("test")
+    test = _recorded_data(info, "test")
     if not test:
         raise ClassifierError("int8 export checks accuracy on held-out labelled images and none was recorded at "
                               "training (ssl-finetune --test): give them with --check-data DIR")
@@ -184,7 +188,7 @@ def default_check_source(info: ClassifierInfo) -> str:
 
 def default_calibration_source(info: ClassifierInfo) -> str:
     """The images the classifier was trained on (what the user's camera or scanner produces)."""
-    train = ((info.training or {}).get("data") or {}).get("train")
+    train = _recorded_data(info, "train")
     if not train:
         raise ClassifierError("no training images recorded in classifier.json to calibrate on: give --calibration DIR")
     return str(train)

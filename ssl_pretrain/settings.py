@@ -102,7 +102,6 @@ class ModelConfig(Section):
     loaded with ``weights_only=True``), a ``.safetensors`` file or one of our runs; the head starts
     fresh. ``ssl_pretrain.models.warm_start``. With a warm start, a lower ``optim.lr`` usually suits."""
 
-
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, name: str) -> str:

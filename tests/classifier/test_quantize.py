@@ -81,6 +81,16 @@ def test_without_held_out_labels_int8_asks_for_them_in_one_line(linear_model, tm
     assert not (model / ONNX_INT8_FILE).exists()
 
 
+def test_check_data_with_classes_the_classifier_does_not_know_is_one_line(linear_model, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(linear_model, model)
+    check = write_digits_folder(tmp_path / "check", 2)
+    (check / "7").rename(check / "seven")
+    status = export_main(["--model", str(model), "--quantize", "int8", "--check-data", str(check), "--quiet"])
+    assert_one_line_error(capsys, status, "classes seven are not the classifier's", prog="ssl-export")
+    assert not (model / ONNX_INT8_FILE).exists()
+
+
 def test_quantize_needs_onnx(linear_model, tmp_path, capsys):
     status = export_main(["--model", str(linear_model), "--format", "torchscript", "--quantize", "int8",
                           "--out", str(tmp_path / "m.pt"), "--quiet"])

@@ -75,7 +75,7 @@ def test_extract_benchmark_script(digits_folder, capsys):
     assert "| extract_embeddings, decoded once in memory |" in table and "decoding the 128 images" in table
 
 
-@pytest.mark.slow  # it trains a head, quantises and times every runtime: ~20 s
+@pytest.mark.slow  # it trains a head, quantises and times every runtime
 def test_latency_benchmark_script_has_every_runtime_the_frame_row_and_the_folder_row(capsys):
     pytest.importorskip("onnxruntime")
     assert _load("bench_latency").main(["--models", "smallconv32", "--repeats", "3", "--rounds", "2",
