@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from linear_probe.crossval import PROTOCOLS
 from linear_probe.evaluate import evaluate
 from linear_probe.inputs import METHODS, EvaluationSettings
 from linear_probe.knn import DEFAULT_NPROBE, EXACT_BELOW, INDEXES, IVF_FROM_QUERIES, KNN_PROTOCOLS
@@ -50,9 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--test", help="labelled test images, same classes as --train (else use --test-fraction)")
     data.add_argument("--test-fraction", type=float, help="without --test: hold out this stratified share of --train "
                       "as the test set, e.g. 0.2")
-    data.add_argument("--val", help="labelled validation images, used to choose C and epochs (else --val-fraction)")
+    data.add_argument("--val", help="labelled validation images to choose k, C and epochs on (default: chosen by "
+                      "cross-validation inside each label budget); the report counts them in the budget")
     data.add_argument("--val-fraction", type=float, default=DEFAULTS.val_fraction,
-                      help="without --val: hold out this stratified share of --train for validation")
+                      help="with --validation pool: hold out this stratified share of --train for validation")
     data.add_argument("--out", required=True, help="output folder (results, plots, cached embeddings)")
     protocol = parser.add_argument_group("protocol")
     protocol.add_argument("--methods", default=",".join(DEFAULTS.methods),
@@ -65,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "typiclust, kcenter, kmeans = picked from the pretrained embeddings without labels "
                           "(fraction x pool or N x classes images, as a user choosing what to label would), "
                           "seeded by the seed; baselines use the same images")
+    protocol.add_argument("--validation", choices=PROTOCOLS, default=DEFAULTS.validation,
+                          help="cv: kNN's k and T, logistic C and epochs chosen by stratified k-fold cross-validation "
+                          "over each budget's labelled images, then refit on all of them (what a user with that "
+                          "budget can do); pool: chosen on --val-fraction of the whole labelled pool, outside the "
+                          "budget (the older protocol: optimistic at few labels, marked so in results.md)")
+    protocol.add_argument("--cv-folds", type=int, default=DEFAULTS.cv_folds,
+                          help="folds of the cross-validation; feature methods score folds until 2,000 held-out "
+                          "predictions, fine-tuning scores --finetune-cv-folds")
+    protocol.add_argument("--finetune-cv-folds", type=int, default=DEFAULTS.finetune_cv_folds,
+                          help="folds fine-tuning (and the scratch baseline) scores to choose its epochs: each is a "
+                          "training run (1: a 20%% hold-out inside the budget)")
     protocol.add_argument("--seeds", type=int, default=DEFAULTS.seeds,
                           help="label subsets and initialisations per budget; the table shows mean ± std")
     protocol.add_argument("--no-baselines", action="store_true",
@@ -76,10 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_method_options(parser: argparse.ArgumentParser) -> None:
     knn = parser.add_argument_group("kNN (weighted votes, cosine similarity)")
-    knn.add_argument("--knn-protocol", choices=sorted(KNN_PROTOCOLS), default="instdisc",
-                     help="instdisc: k=200, T=0.1 (InstDisc, lightly benchmarks); dino: k=20, T=0.07")
-    knn.add_argument("--knn-k", type=int, help="neighbours that vote (overrides --knn-protocol)")
-    knn.add_argument("--knn-t", type=float, help="temperature of the exp(similarity / T) votes (overrides --knn-protocol)")
+    knn.add_argument("--knn-protocol", choices=sorted(KNN_PROTOCOLS),
+                     help="fix k and T instead of choosing them on held-out labels: instdisc: k=200, T=0.1 "
+                     "(InstDisc, lightly benchmarks); dino: k=20, T=0.07")
+    knn.add_argument("--knn-k", type=int, help="neighbours that vote, fixed (default: chosen from 5-200 on held-out "
+                     "labels, as C is)")
+    knn.add_argument("--knn-t", type=float, help="temperature of the exp(similarity / T) votes, fixed (default: chosen "
+                     "from 0.03-0.2)")
     knn.add_argument("--knn-backend", choices=("auto", "torch", "faiss"), default=DEFAULTS.knn_backend,
                      help="auto: faiss on the CPU, torch on a GPU; torch: matrix product + top-k; faiss: IndexFlatIP")
     knn.add_argument("--knn-index", choices=INDEXES, default=DEFAULTS.knn_index,
@@ -88,7 +104,7 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
                      f"below {EXACT_BELOW:,} training features or {IVF_FROM_QUERIES:,} queries, ivf from there")
     knn.add_argument("--knn-nprobe", type=int, help=f"IVF lists scanned per query (default {DEFAULT_NPROBE}): more "
                      "means higher recall and slower search")
-    linear = parser.add_argument_group("linear probe and fine-tuning (epochs chosen on validation)")
+    linear = parser.add_argument_group("linear probe and fine-tuning (epochs chosen on held-out labels)")
     linear.add_argument("--linear-epochs", type=int, default=DEFAULTS.linear_epochs,
                         help="budget of the linear probe; the best validation epoch is kept")
     linear.add_argument("--linear-lr", type=float, default=DEFAULTS.linear_lr, help="SGD learning rate of the linear probe")
@@ -127,17 +143,20 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> EvaluationSettings:
     """Turn parsed flags into settings (raises ``EvaluationError`` for bad values)."""
-    protocol = KNN_PROTOCOLS[args.knn_protocol]
+    protocol = KNN_PROTOCOLS.get(args.knn_protocol)
     return EvaluationSettings(
         methods=tuple(method.strip() for method in args.methods.split(",") if method.strip()),
         label_budgets=parse_label_budgets(args.label_fractions),
         seeds=args.seeds,
         label_selection=args.label_selection,
+        validation=args.validation,
+        cv_folds=args.cv_folds,
+        finetune_cv_folds=args.finetune_cv_folds,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
         split_seed=args.split_seed,
-        knn_k=args.knn_k if args.knn_k is not None else protocol.k,
-        knn_temperature=args.knn_t if args.knn_t is not None else protocol.temperature,
+        knn_k=args.knn_k if args.knn_k is not None else (protocol.k if protocol else None),
+        knn_temperature=args.knn_t if args.knn_t is not None else (protocol.temperature if protocol else None),
         knn_backend=args.knn_backend,
         knn_index=args.knn_index,
         knn_nprobe=args.knn_nprobe,

@@ -1,14 +1,16 @@
 """The whole evaluation: checkpoint + labelled images -> one row per (label budget, seed, method,
 features), with baselines beside every pretrained number.
 
-Order of work, each step once: open and check the data; split off validation (and test, when no
-test folder is given); extract embeddings once per kind of features and source (cached on disk);
-then for every label budget and seed draw one class-balanced labelled subset, shared by every
-method and every kind of features, so that their numbers differ only by what they should.
+Order of work, each step once: open and check the data; split off test (when no test folder is
+given); extract embeddings once per kind of features and source (cached on disk); then for every
+label budget and seed draw one labelled subset and its folds, shared by every method and every
+kind of features, so that their numbers differ only by what they should.
 
-Honesty rules kept here and in each method: hyper-parameters (logistic regression's C) and epochs
-(linear probe, fine-tuning) are chosen on validation data; the test set is scored once per
-configuration, after that choice.
+Honesty rules kept here and in each method: hyper-parameters (kNN's k and T, logistic regression's
+C) and epochs (linear probe, fine-tuning) are chosen on held-out labels *inside* the budget, by
+cross-validation over the labelled subset, then refit on all of it (``linear_probe.crossval``);
+the test set is scored once per configuration, after that choice. ``--validation pool`` chooses
+on a validation share of the whole pool instead (the older, optimistic protocol).
 """
 
 from __future__ import annotations
@@ -23,15 +25,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from linear_probe.crossval import FIXED, FoldPlan, plan_folds, pool_plan
 from linear_probe.embeddings import Embeddings, fingerprint_module, fingerprint_source
 from linear_probe.errors import EvaluationError
 from linear_probe.finetune import evaluate_finetune
+from linear_probe.knn_choice import evaluate_knn_folds
 from linear_probe.inputs import (BASELINES, SEED_FREE_METHODS, EvaluationData, EvaluationSettings, build_feature_extractors,
                                  build_random_backbone, extract_feature_sets, open_evaluation_data)
-from linear_probe.knn import evaluate_knn
 from linear_probe.leaks import check_leaks
-from linear_probe.linear import evaluate_linear, evaluate_linear_augmented
-from linear_probe.logreg import evaluate_logreg
+from linear_probe.linear import evaluate_linear_augmented, evaluate_linear_folds
+from linear_probe.logreg import evaluate_logreg_folds
 from linear_probe.report import format_table, make_row, summarise, write_report
 from linear_probe.scoring import ProbeResult
 from linear_probe.splits import LabelBudget, sample_label_subset, select_label_subset
@@ -74,8 +77,42 @@ class _Context:
         return self.feature_sets[kind][self.data.source_keys[role]].take(images.indices)
 
 
-def run_feature_method(context: _Context, method: str, kind: str, labelled: SubsetSource, seed: int) -> tuple[ProbeResult, int]:
-    """kNN, logistic regression or linear probe on ``kind`` features of the labelled subset.
+def make_plan(context: _Context, labelled: SubsetSource, seed: int) -> FoldPlan | None:
+    """How hyper-parameters are chosen for one labelled subset: folds inside it (``cv``), or the
+    validation images outside the budget (``pool``, or the user's ``--val``)."""
+    data, settings = context.data, context.settings
+    if data.val is not None:
+        return pool_plan(len(labelled), len(data.val), given=settings.validation != "pool")
+    return plan_folds(labelled.labels, seed, settings.cv_folds)
+
+
+def image_folds(context: _Context, plan: FoldPlan | None, labelled: SubsetSource) -> list[tuple[SubsetSource, SubsetSource]]:
+    """``[(fold train images, fold val images)]`` of a plan (empty without one)."""
+    if plan is None:
+        return []
+    if plan.protocol == "pool":
+        return [(labelled, context.data.val)]
+    return [(labelled.subset(fold.train), labelled.subset(fold.val)) for fold in plan.folds]
+
+
+def feature_folds(context: _Context, kind: str, plan: FoldPlan | None, labelled: SubsetSource,
+                  train: Embeddings) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``[(positions into train's rows, val features, val labels)]`` of a plan's folds; unreadable
+    images (no embedding row) drop out of either part."""
+    folds = []
+    row_of = {int(index): row for row, index in enumerate(train.indices)}
+    for fold_train, fold_val in image_folds(context, plan, labelled):
+        role = "val" if plan.protocol == "pool" else "pool"
+        val = context.features(kind, role, fold_val)
+        positions = np.array([row_of[int(index)] for index in fold_train.indices if int(index) in row_of], np.int64)
+        folds.append((positions, val.features, val.labels))
+    return folds
+
+
+def run_feature_method(context: _Context, method: str, kind: str, labelled: SubsetSource, seed: int,
+                       plan: FoldPlan | None) -> tuple[ProbeResult, int]:
+    """kNN, logistic regression or linear probe on ``kind`` features of the labelled subset, its
+    settings chosen by ``plan``.
 
     Returns:
         The result and the number of labelled images it used.
@@ -83,39 +120,64 @@ def run_feature_method(context: _Context, method: str, kind: str, labelled: Subs
     settings, num_classes = context.settings, len(context.data.classes)
     train = context.features(kind, "pool", labelled)
     test = context.features(kind, "test", context.data.test)
+    folds = feature_folds(context, kind, plan, labelled, train)
+    refit = plan is None or plan.refit
     if method == "knn":
-        return evaluate_knn(train.features, train.labels, test.features, test.labels, num_classes,
-                            k=settings.knn_k, temperature=settings.knn_temperature,
-                            backend=settings.knn_backend, device=context.device, index=settings.knn_index,
-                            nprobe=settings.knn_nprobe), len(train)
-    val = context.features(kind, "val", context.data.val)
+        return evaluate_knn_folds(train.features, train.labels, test.features, test.labels, num_classes, folds,
+                                  k=settings.knn_k, temperature=settings.knn_temperature,
+                                  backend=settings.knn_backend, device=context.device, index=settings.knn_index,
+                                  nprobe=settings.knn_nprobe), len(train)
     if method == "logreg":
-        return evaluate_logreg(train.features, train.labels, val.features, val.labels, test.features,
-                               test.labels, num_classes, seed=seed), len(train)
+        return evaluate_logreg_folds(train.features, train.labels, test.features, test.labels, num_classes, folds,
+                                     refit=refit, seed=seed), len(train)
     common = dict(epochs=settings.linear_epochs, lr=settings.linear_lr, batch_size=settings.batch_size,
                   seed=seed, device=context.device)
     if settings.linear_augment:
         module, _ = context.extractors[kind]
         common["batch_size"] = settings.train_batch_size
+        image_parts = image_folds(context, plan, labelled)
+        augmented = [(images, train.features[positions], vx, vy)
+                     for (images, _), (positions, vx, vy) in zip(image_parts, folds)]
         return evaluate_linear_augmented(
-            module, labelled, train.features, val.features, val.labels, test.features, test.labels,
+            module, labelled, train.features, None, None, test.features, test.labels,
             num_classes, context.info.input_size, context.info.mean, context.info.std,
-            num_workers=settings.num_workers, hflip=settings.hflip, **common), len(labelled)
-    return evaluate_linear(train.features, train.labels, val.features, val.labels, test.features,
-                           test.labels, num_classes, **common), len(train)
+            num_workers=settings.num_workers, hflip=settings.hflip, folds=augmented, refit=refit,
+            **common), len(labelled)
+    return evaluate_linear_folds(train.features, train.labels, test.features, test.labels, num_classes, folds,
+                                 refit=refit, **common), len(train)
 
 
-def run_finetune(context: _Context, kind: str, labelled: SubsetSource, seed: int) -> tuple[ProbeResult, int]:
-    """Fine-tune the pretrained backbone (``ssl``) or a random one (``scratch``, seeded)."""
+def run_finetune(context: _Context, kind: str, labelled: SubsetSource, seed: int,
+                 plan: FoldPlan | None) -> tuple[ProbeResult, int]:
+    """Fine-tune the pretrained backbone (``ssl``) or a random one (``scratch``, seeded); a
+    ``cv`` plan is held to ``crossval.TRAINING_FOLDS`` scored folds (each is a training run)."""
     info, settings = context.info, context.settings
     backbone = context.backbone if kind == "ssl" else build_random_backbone(info, seed)
+    if plan is not None and plan.protocol == "cv":
+        plan = plan.limited(settings.finetune_cv_folds)
     result = evaluate_finetune(
-        backbone, info.feature_dim, labelled, context.data.val, context.data.test, len(context.data.classes),
+        backbone, info.feature_dim, labelled, None, context.data.test, len(context.data.classes),
         info.input_size, info.mean, info.std, epochs=settings.finetune_epochs, lr=settings.finetune_lr,
         batch_size=settings.train_batch_size, seed=seed, device=context.device,
         num_workers=settings.num_workers, hflip=settings.hflip,
+        folds=image_folds(context, plan, labelled), refit=plan is None or plan.refit,
     )
     return result, len(labelled)
+
+
+FIXED_SETTINGS = (f"kNN k={FIXED['knn_k']} T={FIXED['knn_temperature']}, logistic C={FIXED['C']:g}, "
+                  "the whole epoch budget for the linear probe and fine-tuning")
+
+
+def describe_plan(plan: FoldPlan | None, method: str, settings: EvaluationSettings) -> dict:
+    """``row["validation"]``: how this row's settings were chosen and how many labels that used."""
+    if plan is None:
+        return {"protocol": "fixed", "rule": FIXED_SETTINGS, "n_val": 0}
+    if plan.protocol == "cv" and method == "finetune":
+        plan = plan.limited(settings.finetune_cv_folds)
+    described = plan.describe()
+    described["n_val"] = described["held_out"] if plan.protocol == "pool" else 0
+    return described
 
 
 def name_classes(row: dict, classes: list[str]) -> dict:
@@ -185,6 +247,10 @@ def run_protocol(context: _Context) -> tuple[list[dict], dict]:
     for budget in settings.label_budgets:
         for seed in range(settings.seeds):
             labelled = draw_labelled(context, budget, seed)
+            plan = make_plan(context, labelled, seed)
+            if plan is None:
+                log.warning("%s labels, seed %d: no class has two labelled images, so nothing can be validated "
+                            "inside the budget: fixed settings (%s)", budget.label, seed, FIXED_SETTINGS)
             for method in settings.methods:
                 if method == "finetune" and not fine_tunes_at(budget, len(data.pool), settings):
                     continue
@@ -197,13 +263,14 @@ def run_protocol(context: _Context) -> tuple[list[dict], dict]:
                     if key in done:
                         result, n_train = done[key]
                     elif method == "finetune":
-                        result, n_train = run_finetune(context, kind, labelled, seed)
+                        result, n_train = run_finetune(context, kind, labelled, seed, plan)
                     else:
-                        result, n_train = run_feature_method(context, method, kind, labelled, seed)
+                        result, n_train = run_feature_method(context, method, kind, labelled, seed, plan)
                     if method in SEED_FREE_METHODS:
                         done.setdefault(key, (result, n_train))
                     row = make_row(kind, method, budget, seed, result, n_train, len(data.pool),
                                    time.perf_counter() - start)
+                    row["validation"] = describe_plan(plan, method, settings)
                     rows.append(name_classes({**row, "label_selection": settings.label_selection}, data.classes))
                     log.info("%s on %s features, %s labels, seed %d: top-1 %.1f%%",
                              method, kind, budget.label, seed, 100 * result.top1)
@@ -290,7 +357,9 @@ def evaluate(checkpoint: str | Path, train: str, out_dir: str | Path, *, test: s
         train: labelled source (image-folder layout, ``builtin:digits:train``, ``cifar10:ROOT``).
         out_dir: created if needed; cached embeddings go to ``out_dir/embeddings``.
         test: labelled source; when None, ``settings.test_fraction`` of train is held out.
-        val: labelled source; when None, ``settings.val_fraction`` of train is held out.
+        val: labelled source to choose settings on (counted in the budget the report states);
+            when None, ``settings.validation`` decides: ``cv`` (folds inside each budget) or
+            ``pool`` (``settings.val_fraction`` of train held out, outside the budget).
         arch, input_size: read ``checkpoint`` as a foreign state dict (torchvision, timm) of this
             architecture, fed ``input_size`` px images (``ssl_pretrain.models.warm_start``).
 
@@ -318,7 +387,8 @@ def evaluate(checkpoint: str | Path, train: str, out_dir: str | Path, *, test: s
         raise EvaluationError("every run was skipped (see the warnings): the labelled subsets hold a single "
                               "class; give a larger label budget or more methods")
     specs = {"train": train, "test": test or f"{settings.test_fraction} of train",
-             "val": val or (f"{settings.val_fraction} of train" if data.val is not None else None)}
+             "val": val or (f"{settings.val_fraction} of train" if data.val is not None else None),
+             "validation": "given" if val else settings.validation}
     meta = {**_describe_run(checkpoint, info, specs, data, fingerprints, settings), "leaks": leaks}
     files = write_report(out_dir, rows, meta)
     if settings.plots:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import copy
 import logging
 
+import numpy as np
 import torch
 from torch import nn
 
+from linear_probe.crossval import median_epoch
 from linear_probe.embeddings import extract_embeddings
 from linear_probe.images import (
     PixelSet, augmented_batches, build_train_loader, build_train_transform, load_pixels, pixel_logits,
@@ -78,9 +80,10 @@ def training_route(train_images, transform: EvalTransform, batch_size: int, seed
 def evaluate_finetune(backbone: nn.Module, feature_dim: int, train_images, val_images, test_images,
                       num_classes: int, input_size: int, mean, std, epochs: int = 30, lr: float = 0.05,
                       batch_size: int = 64, patience: int | None = PATIENCE, seed: int = 0,
-                      device: str = "cpu", num_workers: int = 0, hflip: bool = True) -> ProbeResult:
-    """Fine-tune ``backbone`` with a new head on ``train_images``; score the best-validation
-    epoch once on ``test_images``.
+                      device: str = "cpu", num_workers: int = 0, hflip: bool = True,
+                      folds=None, refit: bool = False) -> ProbeResult:
+    """Fine-tune ``backbone`` with a new head on ``train_images``; score the chosen model once
+    on ``test_images``.
 
     Args:
         backbone: pretrained (or randomly initialised, for the scratch baseline); copied, not changed.
@@ -92,28 +95,46 @@ def evaluate_finetune(backbone: nn.Module, feature_dim: int, train_images, val_i
             after the last), so that scoring 5,000 validation images does not outweigh training
             on a few hundred.
         hflip: flip training images at random (off for digits and text).
+        folds: ``[(fold train images, fold val images)]``: with ``refit`` (cross-validation inside
+            the budget, ``linear_probe.crossval``) each fold trains with early stopping, and a
+            network trained on all ``train_images`` for the median of their best epochs (its
+            cosine schedule over those epochs) is scored; an
+            empty list runs the whole budget. None: the ``pool`` protocol, one fold
+            ``(train_images, val_images)`` whose best-validation network is scored.
 
     Returns:
-        ``ProbeResult`` with ``chosen["best_epoch"]``.
+        ``ProbeResult`` with ``chosen["best_epoch"]`` (``pool``) or ``chosen["epochs"]`` (``cv``).
     """
-    torch.manual_seed(seed)
-    model = build_classifier(backbone, feature_dim, num_classes).to(device)
     eval_transform = build_eval_transform(input_size, mean, std)
-    batches, score = training_route(train_images, eval_transform, batch_size, seed, hflip, num_workers, device)
-    val = prepare_scoring(val_images, eval_transform)
 
-    def score_val() -> float:
-        logits, labels = score(model, val)
-        return topk_accuracy(logits, labels, 1)
+    def train(images, val, epochs=epochs):
+        torch.manual_seed(seed)
+        model = build_classifier(backbone, feature_dim, num_classes).to(device)
+        batches, score = training_route(images, eval_transform, batch_size, seed, hflip, num_workers, device)
+        score_val, val_every = None, 1
+        if val is not None:
+            prepared = prepare_scoring(val, eval_transform)
+            score_val = lambda: topk_accuracy(*score(model, prepared), 1)  # noqa: E731
+            val_every = validation_interval(len(images), len(val), epochs)
+        history = train_with_early_stopping(
+            model, model.parameters(), batches, score_val, epochs=epochs, lr=lr, weight_decay=WEIGHT_DECAY,
+            patience=patience if val is not None else None, device=device, val_every=val_every)
+        return model, score, history, val_every
 
-    val_every = validation_interval(len(train_images), len(val_images), epochs)
-    history = train_with_early_stopping(
-        model, model.parameters(), batches, score_val, epochs=epochs, lr=lr,
-        weight_decay=WEIGHT_DECAY, patience=patience, device=device, val_every=val_every,
-    )
-    log.info("fine-tuning: best validation top-1 %.1f%% at epoch %d of %d run (validated every %d)",
-             100 * history.best_val_top1, history.best_epoch, len(history.val_top1), val_every)
+    folds = [(train_images, val_images)] if folds is None else folds
+    best_epochs, val_scores, model = [], [], None
+    for fold_train, fold_val in folds:
+        model, score, history, val_every = train(fold_train, fold_val)
+        best_epochs.append(history.best_epoch)
+        val_scores.append(history.best_val_top1)
+        log.info("fine-tuning: best validation top-1 %.1f%% at epoch %d of %d run (validated every %d)",
+                 100 * history.best_val_top1, history.best_epoch, len(history.val_top1), val_every)
+    chosen: dict = {"lr": lr}
+    if refit or not folds:
+        stop = median_epoch(best_epochs) if folds else epochs
+        model, score, history, _ = train(train_images, None, epochs=stop)
+        chosen.update(epochs=stop, **({"fold_best_epochs": best_epochs} if folds else {}))
+    else:
+        chosen.update(best_epoch=best_epochs[0], epochs_run=len(history.val_top1), validated_every=val_every)
     logits, labels = score(model, prepare_scoring(test_images, eval_transform))
-    chosen = {"best_epoch": history.best_epoch, "epochs_run": len(history.val_top1), "lr": lr,
-              "validated_every": val_every}
-    return score_test(logits, labels, chosen, history.best_val_top1)
+    return score_test(logits, labels, chosen, float(np.mean(val_scores)) if val_scores else None)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from linear_probe.crossval import DEFAULT_FOLDS, PROTOCOLS, TRAINING_FOLDS
 from linear_probe.embeddings import Embeddings, cached_embeddings, extract_embeddings
 from linear_probe.errors import EvaluationError
 from linear_probe.knn import INDEXES
@@ -56,11 +57,14 @@ class EvaluationSettings:
     label_budgets: tuple[LabelBudget, ...] = parse_label_budgets("0.01,0.1,1.0")
     seeds: int = 3
     label_selection: str = "random"  # or a strategy of ssl_curate.selection on the ssl embeddings
+    validation: str = "cv"  # cv: chosen inside the label budget; pool: on val_fraction of the pool (optimistic)
+    cv_folds: int = DEFAULT_FOLDS
+    finetune_cv_folds: int = TRAINING_FOLDS  # folds scored by fine-tuning: each is a training run
     val_fraction: float = 0.1
     test_fraction: float | None = None
     split_seed: int = 0
-    knn_k: int = 200
-    knn_temperature: float = 0.1
+    knn_k: int | None = None  # None: chosen with the temperature (linear_probe.knn_choice)
+    knn_temperature: float | None = None
     knn_backend: str = "auto"
     knn_index: str = "auto"  # exact below knn.EXACT_BELOW training features, IVF from there
     knn_nprobe: int | None = None  # IVF lists scanned per query; None: knn.DEFAULT_NPROBE
@@ -88,12 +92,17 @@ class EvaluationSettings:
         if self.label_selection not in LABEL_SELECTIONS:
             raise EvaluationError(f"unknown label selection '{self.label_selection}': choose from "
                                   f"{', '.join(LABEL_SELECTIONS)}")
-        for name in ("seeds", "knn_k", "linear_epochs", "finetune_epochs", "batch_size", "train_batch_size"):
-            if getattr(self, name) < 1:
+        if self.validation not in PROTOCOLS:
+            raise EvaluationError(f"unknown validation protocol '{self.validation}': choose {' or '.join(PROTOCOLS)}")
+        if self.cv_folds < 2:
+            raise EvaluationError(f"cv-folds must be at least 2, got {self.cv_folds}")
+        for name in ("seeds", "knn_k", "linear_epochs", "finetune_epochs", "batch_size", "train_batch_size",
+                     "finetune_cv_folds"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise EvaluationError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.finetune_max_fraction <= 1:
             raise EvaluationError(f"finetune-max-fraction must be in (0, 1], got {self.finetune_max_fraction}")
-        if self.knn_temperature <= 0:
+        if self.knn_temperature is not None and self.knn_temperature <= 0:
             raise EvaluationError(f"knn temperature must be positive, got {self.knn_temperature}")
         if self.knn_backend not in ("auto", "torch", "faiss"):
             raise EvaluationError(f"unknown kNN backend '{self.knn_backend}' (auto, torch or faiss)")
@@ -106,7 +115,9 @@ class EvaluationSettings:
 
     @property
     def needs_validation(self) -> bool:
-        return any(method in self.methods for method in ("logreg", "linear", "finetune"))
+        """Whether a validation split is held out of the pool: the ``pool`` protocol only (``cv``
+        chooses inside each label budget, kNN included)."""
+        return self.validation == "pool"
 
 
 @dataclass
@@ -162,7 +173,7 @@ def open_evaluation_data(train: str, test: str | None, val: str | None, settings
     val_images = SubsetSource(sources["val"], np.arange(len(sources["val"]))) if val else None
     if val is None and settings.needs_validation:
         if not 0 < settings.val_fraction < 1:
-            raise EvaluationError("logreg, linear and finetune choose hyper-parameters on validation data: "
+            raise EvaluationError("--validation pool chooses hyper-parameters on a validation share of the pool: "
                                   "give --val DIR or a --val-fraction between 0 and 1")
         kept, held_out = stratified_split(pool.labels, settings.val_fraction, settings.split_seed + 1, "validation")
         pool, val_images = pool.subset(kept), pool.subset(held_out)

@@ -1,9 +1,11 @@
 """Multinomial logistic regression on standardised frozen features (scikit-learn).
 
-The regularisation strength C is chosen on the validation split; the model fit on the labelled
-training subset alone is then scored once on the test set. It is *not* refit on train + val: the
-validation images are labelled too, and adding them would break the label budget (a "1%" run
-would learn from 1% + 10% of the labels).
+The regularisation strength C is chosen on held-out labelled images, then the test set is scored
+once. By default (``evaluate_logreg_folds`` with a ``cv`` plan) they are folds of the labelled
+subset itself and the chosen C is refit on all of it (``linear_probe.crossval``). With the
+``pool`` protocol (``evaluate_logreg``) they are a validation split outside the budget, and the
+model fit on the labelled subset alone is scored: it is *not* refit on train + val, which would
+break the label budget (a "1%" run would learn from 1% + 10% of the labels).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from linear_probe.crossval import FIXED
 from linear_probe.errors import EvaluationError
 from linear_probe.scoring import ProbeResult, score_test, topk_accuracy
 
@@ -58,7 +61,7 @@ def evaluate_logreg(train_features: np.ndarray, train_labels: np.ndarray, val_fe
                     num_classes: int, c_grid=DEFAULT_C_GRID, max_iter: int = 300,
                     seed: int = 0) -> ProbeResult:
     """Fit one model per C on standardised train features, keep the best on validation, score
-    it once on test.
+    it once on test (the ``pool`` protocol: the validation images are outside the budget).
 
     Args:
         train_features: ``(N, D)`` features of the labelled subset; ``train_labels``: ``(N,)``.
@@ -71,24 +74,66 @@ def evaluate_logreg(train_features: np.ndarray, train_labels: np.ndarray, val_fe
     Returns:
         ``ProbeResult`` with ``chosen = {"C": ...}`` and the validation top-1 of that C.
     """
-    if len(np.unique(train_labels)) < 2:
-        raise EvaluationError("logistic regression needs labelled images of at least two classes")
     if len(val_labels) == 0:
         raise EvaluationError("logistic regression chooses C on validation data, and the validation split is empty")
+    folds = [(np.arange(len(train_labels)), val_features, val_labels)]
+    return evaluate_logreg_folds(train_features, train_labels, test_features, test_labels, num_classes, folds,
+                                 refit=False, c_grid=c_grid, max_iter=max_iter, seed=seed)
+
+
+def evaluate_logreg_folds(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
+                          test_labels: np.ndarray, num_classes: int, folds, refit: bool = True,
+                          c_grid=DEFAULT_C_GRID, max_iter: int = 300, seed: int = 0) -> ProbeResult:
+    """Choose C by the mean validation top-1 over ``folds``, score the test set once.
+
+    Args:
+        train_features, train_labels: ``(N, D)`` / ``(N,)``: every labelled image of the budget.
+        folds: ``[(train positions into train_features, val features, val labels)]``; empty when
+            nothing can be validated (C is then ``crossval.FIXED["C"]``).
+        refit: fit the chosen C on all ``N`` images (cross-validation); else the first fold's
+            model, which must train on all ``N``, is the one scored (the ``pool`` protocol).
+
+    The scaler is fit on all ``N`` labelled features (no label is read) and shared by the folds,
+    so the refit starts from the best fold's weights (``warm_start``): nearly free.
+    """
+    if len(np.unique(train_labels)) < 2:
+        raise EvaluationError("logistic regression needs labelled images of at least two classes")
     # Standardising makes one C grid fit features of any scale (pixels, ResNet-50 features).
     scaler = StandardScaler().fit(train_features)
-    train_scaled, val_scaled = scaler.transform(train_features), scaler.transform(val_features)
-    # Along an increasing C grid each solution starts from the previous one: several times faster
-    # than cold starts, same optimum (the problem is convex).
-    model = LogisticRegression(max_iter=max_iter, random_state=seed, warm_start=True)  # lbfgs, multinomial
-    best_model, best_c, best_val, worse = None, None, -1.0, 0
+    train_scaled = scaler.transform(train_features)
+    parts = [(positions, scaler.transform(val_features), val_labels) for positions, val_features, val_labels in folds]
     with threadpool_limits(limits=1 if train_scaled.size < SMALL_PROBLEM else None):
-        for c in sorted(c_grid):
-            _fit(model, train_scaled, train_labels, c)
-            val_top1 = topk_accuracy(_class_scores(model, val_scaled, num_classes), val_labels, 1)
-            if val_top1 > best_val:
-                best_model, best_c, best_val, worse = copy.deepcopy(model), c, val_top1, 0
-            elif (worse := worse + 1) >= GRID_PATIENCE:
-                break
+        if parts:
+            best_c, best_val, best_models, means = _choose_c(parts, train_scaled, train_labels, num_classes,
+                                                             c_grid, max_iter, seed)
+        else:
+            best_c, best_val, best_models, means = FIXED["C"], None, [], {}
+        if refit or not best_models:
+            # from the best fold's weights where its classes are all there (same coefficient shape)
+            full = np.unique(train_labels)
+            model = next((copy.deepcopy(m) for m in best_models if np.array_equal(m.classes_, full)),
+                         LogisticRegression(max_iter=max_iter, random_state=seed, warm_start=True))
+            best_model = _fit(model, train_scaled, train_labels, best_c)
+        else:
+            best_model = best_models[0]
     test_scores = _class_scores(best_model, scaler.transform(test_features), num_classes)
-    return score_test(test_scores, test_labels, {"C": best_c}, val_top1=best_val)
+    chosen = {"C": best_c, **({"val_top1_by_C": means} if len(parts) > 1 else {})}
+    return score_test(test_scores, test_labels, chosen, val_top1=best_val)
+
+
+def _choose_c(parts, train_scaled, train_labels, num_classes, c_grid, max_iter, seed):
+    """Along the increasing C grid, one warm-started model per fold; the C of the best mean
+    validation top-1 (``GRID_PATIENCE`` Cs in a row below it end the grid)."""
+    models = [LogisticRegression(max_iter=max_iter, random_state=seed, warm_start=True) for _ in parts]
+    best_models, best_c, best_val, worse, means = [], None, -1.0, 0, {}
+    for c in sorted(c_grid):
+        scores = []
+        for model, (positions, val_scaled, val_labels) in zip(models, parts):
+            _fit(model, train_scaled[positions], train_labels[positions], c)
+            scores.append(topk_accuracy(_class_scores(model, val_scaled, num_classes), val_labels, 1))
+        means[f"{c:g}"] = mean = float(np.mean(scores))
+        if mean > best_val:
+            best_models, best_c, best_val, worse = [copy.deepcopy(m) for m in models], c, mean, 0
+        elif (worse := worse + 1) >= GRID_PATIENCE:
+            break
+    return best_c, best_val, best_models, means

@@ -221,7 +221,9 @@ def format_markdown(rows: list[dict], meta: dict) -> str:
         _describe(meta),
         "",
         f"Test scores in %, mean ± std over {seeds} seed(s); ROC AUC is shown × 100 (50 is chance). "
-        "C and epochs were chosen on validation; the test set was scored once per configuration.",
+        "The test set was scored once per configuration.",
+        "",
+        describe_validation(rows, meta),
         "",
         "With imbalanced classes read balanced accuracy (the mean recall of the classes), macro-F1 and "
         "ROC AUC rather than top-1, which rewards predicting the commonest class: always answering "
@@ -235,7 +237,92 @@ def format_markdown(rows: list[dict], meta: dict) -> str:
         classes = meta.get("data", {}).get("classes")
         lines += [f"## Per class: {best['method']} on {best['features']} features, {best['label_budget']} labels "
                   "(seed 0)", "", format_per_class(best, classes if isinstance(classes, list) else None), ""]
+    command = classifier_command(rows, meta)
+    if command is not None:
+        lines += ["## The classifier", "", command, ""]
     return "\n".join(lines)
+
+
+def describe_validation(rows: list[dict], meta: dict) -> str:
+    """How the hyper-parameters were chosen, and whether the figures are optimistic."""
+    protocols = {(row.get("validation") or {}).get("protocol") for row in rows}
+    n_val = meta.get("data", {}).get("n_val", 0)
+    if "pool" in protocols:
+        given = meta.get("data", {}).get("validation") == "given"
+        if given:
+            return (f"kNN's k and T, C and epochs were chosen on the {n_val} images of the validation set given "
+                    f"(--val): they are labelled too, so each budget below used n_train + {n_val} labels.")
+        return (f"**Optimistic (--validation pool):** kNN's k and T, C and epochs were chosen on {n_val} validation "
+                "images held out of the whole labelled pool, outside each budget: a user with n_train labels does "
+                "not have them, and the few-label figures read higher than such a user would get. The default "
+                "(--validation cv) chooses inside the budget.")
+    text = ("kNN's k and T, logistic regression's C and the epochs of the linear probe and fine-tuning were chosen "
+            "inside each label budget: by stratified cross-validation over the n_train labelled images, then "
+            "refit on all of them (results.json: `validation` and `chosen` of each row). No other label was used.")
+    if "fixed" in protocols:
+        text += (" Where no class had two labelled images nothing could be validated, and fixed settings were "
+                 "used (the row's `validation.rule`).")
+    return text
+
+
+CLASSIFIER_MODES = ("linear", "finetune")
+"""The methods ``ssl-finetune`` trains a classifier with (kNN and logistic regression it does not)."""
+
+
+def _chosen_epochs(row: dict) -> int | None:
+    chosen = row.get("chosen") or {}
+    return chosen.get("epochs", chosen.get("best_epoch"))
+
+
+def best_classifier(rows: list[dict], budget: str | None = None) -> dict | None:
+    """The report's best ``linear`` / ``finetune`` configuration on the pretrained features, at
+    ``budget`` or else the largest budget where one ran: ``{method, budget, epochs, mean, seeds}``
+    with ``epochs`` the median of its seeds' chosen epochs (None without such a row)."""
+    candidates = [row for row in rows if row["features"] == "ssl" and row["method"] in CLASSIFIER_MODES
+                  and _chosen_epochs(row) is not None and (budget is None or row["label_budget"] == budget)]
+    summary = summarise(candidates)
+    if not summary:
+        return None
+    largest = max(stats["n_train"] for stats in summary.values())
+    method, label, _ = max((key for key, stats in summary.items() if stats["n_train"] == largest),
+                           key=lambda key: summary[key]["mean"])
+    group = [row for row in candidates if (row["method"], row["label_budget"]) == (method, label)]
+    epochs = sorted(_chosen_epochs(row) for row in group)[(len(group) - 1) // 2]
+    return {"method": method, "budget": label, "epochs": int(epochs), "mean": summary[(method, label, "ssl")]["mean"],
+            "seeds": len(group)}
+
+
+def classifier_arguments(best: dict, settings: dict) -> list[str]:
+    """``ssl-finetune`` flags that train ``best`` (``best_classifier``) as ``linear-probe`` did."""
+    arguments = ["--mode", best["method"], "--epochs", str(best["epochs"])]
+    if best["method"] == "linear":
+        arguments += ["--lr", f"{settings.get('linear_lr', 0.1):g}", "--batch-size", str(settings.get("batch_size", 256))]
+    else:
+        arguments += ["--head-init", "random", "--backbone-lr-scale", "1", "--lr", f"{settings.get('finetune_lr', 0.05):g}",
+                      "--batch-size", str(settings.get("train_batch_size", 64))]
+    if not settings.get("hflip", True):
+        arguments.append("--no-flip")
+    return arguments + ["--validation", "none"]
+
+
+def classifier_command(rows: list[dict], meta: dict) -> str | None:
+    """The ``ssl-finetune`` command that trains, on every labelled image, the configuration of the
+    report's best ``linear`` / ``finetune`` row on the pretrained features at the largest budget
+    where one ran (``best_classifier``); ``--validation none`` since the report has chosen."""
+    best = best_classifier(rows)
+    if best is None:
+        return None
+    data = meta.get("data", {})
+    checkpoint = (meta.get("checkpoint") or {}).get("path", "RUN")
+    flags = classifier_arguments(best, meta.get("settings", {}))
+    pairs = [" ".join(flags[i:i + 2]) if i + 1 < len(flags) and not flags[i + 1].startswith("--") else flags[i]
+             for i in range(len(flags)) if flags[i].startswith("--")]
+    command = (f"ssl-finetune --checkpoint {checkpoint} --train {data.get('train')} --out classifier \\\n        "
+               + " ".join(pairs))
+    return (f"The best classifier `ssl-finetune` can make, as measured here: {best['method']} on the pretrained "
+            f"features at {best['budget']} labels ({100 * best['mean']:.1f}% top-1). To train it on all your "
+            f"labelled images:\n\n    {command}\n\n(`--validation none`: the settings above were chosen here; "
+            "leave out --mode and --epochs and ssl-finetune chooses them itself by cross-validation inside your labels.)")
 
 
 def write_report(out_dir: str | Path, rows: list[dict], meta: dict) -> list[Path]:

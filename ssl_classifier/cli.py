@@ -38,7 +38,7 @@ def _logging(quiet: bool) -> None:
 
 
 def finetune_parser() -> argparse.ArgumentParser:
-    from ssl_classifier.train import BALANCING, MODES, FinetuneSettings
+    from ssl_classifier.train import BALANCING, HEAD_INITS, MODE_CHOICES, VALIDATIONS, FinetuneSettings
 
     defaults = FinetuneSettings()
     parser = argparse.ArgumentParser(
@@ -48,21 +48,33 @@ def finetune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="run folder, backbone.safetensors or checkpoints/last.pt")
     parser.add_argument("--train", required=True, help="labelled images: class subfolders, a 'path,label' CSV/text "
                         "file, builtin:digits:train, cifar10:ROOT")
-    parser.add_argument("--val", help="labelled validation images (else --val-fraction of --train is held out)")
+    parser.add_argument("--val", help="labelled validation images to choose mode and epochs on (counted in the labels "
+                        "used; default: cross-validation inside --train)")
     parser.add_argument("--test", help="labelled test images, scored once with the chosen epoch (optional)")
     parser.add_argument("--out", required=True, help="model folder to write")
-    parser.add_argument("--mode", choices=MODES, default=defaults.mode, help="linear: frozen backbone + trained head "
-                        "(fast, robust with very few labels); finetune: head first, then the whole network with a "
-                        "lower backbone learning rate (better with hundreds of labels per class)")
+    parser.add_argument("--mode", choices=MODE_CHOICES, default=defaults.mode, help="linear: frozen backbone + trained "
+                        "head (fast, robust with very few labels); finetune: head first, then the whole network with a "
+                        "lower backbone learning rate (better with hundreds of labels per class); auto: the better of "
+                        "the two on held-out labels (--validation)")
+    parser.add_argument("--validation", choices=VALIDATIONS, default=defaults.validation, help="what mode and epochs "
+                        "are chosen on: cv = stratified folds of the labelled images, then a refit on all of them; "
+                        "pool = --val-fraction held out (those labels train nothing); none = nothing held out, every "
+                        "epoch of --epochs (settings chosen elsewhere, e.g. by a linear-probe report)")
+    parser.add_argument("--cv-folds", type=int, default=defaults.cv_folds, help="folds of --validation cv")
+    parser.add_argument("--finetune-cv-folds", type=int, default=defaults.finetune_cv_folds,
+                        help="folds fine-tuning trains to choose its epochs (each is a training run)")
+    parser.add_argument("--head-init", choices=HEAD_INITS, default=defaults.head_init, help="finetune: probe = "
+                        "train the head on frozen features first (LP-FT); random = a random head, every layer at "
+                        "--lr x --backbone-lr-scale (linear-probe's fine-tuning with --backbone-lr-scale 1)")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--labels-per-class", type=int, help="use only N labelled images per class (simulate a budget)")
     budget.add_argument("--label-fraction", type=float, help="use only this share of each class's labels")
     parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
-                        help="without --val: share of each class held out to choose the epoch")
+                        help="with --validation pool: share of each class held out to choose on")
     parser.add_argument("--balance", choices=BALANCING, default=defaults.balance, help="class-weighted loss: auto "
                         "turns it on when the largest class has 1.5x the images of the smallest")
-    parser.add_argument("--epochs", type=int, help="epoch budget (default: 100 linear, 30 finetune); the best "
-                        "validation epoch is kept")
+    parser.add_argument("--epochs", type=int, help="epoch budget (default: 100 linear, 30 finetune); with held-out "
+                        "labels the best epoch is chosen within it")
     parser.add_argument("--lr", type=float, help="SGD learning rate of the head (default: 0.1 linear, 0.01 finetune)")
     parser.add_argument("--backbone-lr-scale", type=float, default=defaults.backbone_lr_scale,
                         help="finetune: the backbone's learning rate is lr times this")
@@ -98,7 +110,8 @@ def finetune_main(argv: list[str] | None = None) -> int:
     def body() -> int:
         settings = FinetuneSettings(
             mode=args.mode, labels_per_class=args.labels_per_class, label_fraction=args.label_fraction,
-            val_fraction=args.val_fraction, balance=args.balance, epochs=args.epochs, lr=args.lr,
+            validation=args.validation, cv_folds=args.cv_folds, finetune_cv_folds=args.finetune_cv_folds,
+            head_init=args.head_init, val_fraction=args.val_fraction, balance=args.balance, epochs=args.epochs, lr=args.lr,
             backbone_lr_scale=args.backbone_lr_scale, batch_size=args.batch_size, input_size=args.input_size,
             arch=args.arch,
             hflip=not args.no_flip, seed=args.seed, device=args.device, num_workers=args.num_workers,
@@ -106,9 +119,16 @@ def finetune_main(argv: list[str] | None = None) -> int:
         result = train_classifier(args.checkpoint, args.train, args.out, val=args.val, test=args.test,
                                   settings=settings)
         info, training = result.info, result.info.training
-        print(f"\n{info.mode} classifier, {info.num_classes} classes, {training['n_train']} labelled images, "
-              f"best epoch {training['best_epoch']} of {training['epochs_run']}, {result.seconds:.0f} s")
-        print(f"  validation ({training['n_val']} images): {_format_metrics(info.validation)}")
+        epochs = (f"best epoch {training['best_epoch']} of {training['epochs_run']}" if "best_epoch" in training
+                  else f"{training['epochs']} epochs")
+        print(f"\n{info.mode} classifier, {info.num_classes} classes, {training['labels_used']} labels used "
+              f"({training['n_train']} trained on), {epochs}, {result.seconds:.0f} s")
+        protocol = training["validation"]
+        if info.validation:
+            print(f"  validation ({training['n_val']} images): {_format_metrics(info.validation)}")
+        elif training.get("validation_balanced_accuracy") is not None:
+            print(f"  cross-validated inside the labels ({protocol.get('rule')}): balanced accuracy "
+                  f"{100 * training['validation_balanced_accuracy']:.1f}%")
         if info.test:
             print(f"  test: {_format_metrics(info.test)}")
         print(f"  saved: {result.model_dir}/classifier.safetensors, classifier.json")

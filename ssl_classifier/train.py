@@ -9,14 +9,15 @@ Two modes, as in the evaluation (``linear_probe``), but the model is kept:
   head keeps fine-tuning from distorting good features with large random-head gradients), then
   the whole network trains on augmented images with the backbone at a lower learning rate.
 
-Honesty rules, as in ``linear_probe``: the epoch is chosen on validation data (balanced accuracy,
-so that an imbalanced validation set does not reward predicting the majority class); a test set,
-when given, is scored once, after that choice.
+By default (``--mode auto``) the mode and its epochs are chosen inside the label budget, by
+cross-validation over the labelled images, and the chosen mode is refit on all of them
+(``ssl_classifier.fitting``); the metric is balanced accuracy, so that an imbalanced validation
+part does not reward predicting the majority class. A test set, when given, is scored once,
+after that choice.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,13 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from linear_probe.crossval import DEFAULT_FOLDS, TRAINING_FOLDS, plan_folds
 from linear_probe.embeddings import extract_embeddings, fingerprint_module
-from linear_probe.finetune import prepare_scoring, training_route
-from linear_probe.linear import Standardise, feature_batches
 from linear_probe.metrics import classification_metrics
 from linear_probe.splits import LabelBudget, sample_label_subset, stratified_split
-from linear_probe.training import train_with_early_stopping, validation_interval
-from ssl_classifier.model import INFO_FILE, MODEL_FILE, ClassifierError, ClassifierInfo, ImageClassifier, save_classifier
+from ssl_classifier.fitting import Job, choose_and_fit, mode_defaults
+from ssl_classifier.model import INFO_FILE, MODEL_FILE, ClassifierError, ClassifierInfo, save_classifier
 from ssl_pretrain.augment.transforms import build_eval_transform
 from ssl_pretrain.data import SubsetSource, check_same_classes, decoded_in_memory, open_source
 from ssl_pretrain.engine.devices import resolve_device
@@ -42,9 +42,11 @@ from ssl_pretrain.models.warm_start import load_any_backbone
 log = logging.getLogger(__name__)
 
 MODES = ("linear", "finetune")
-LINEAR_HEAD_DEFAULTS = {"epochs": 100, "lr": 0.1, "patience": 20}
-"""The linear head's budget: MoCo v3's linear-probe learning rate on standardised features;
-100 epochs of a linear layer on cached features take seconds, early stopping ends most sooner."""
+MODE_CHOICES = ("auto",) + MODES
+VALIDATIONS = ("cv", "pool", "none")
+"""cv: mode and epochs chosen by cross-validation inside the labels; pool: on --val-fraction held out
+of them (those labels then train nothing); none: nothing held out, every epoch of the budget."""
+HEAD_INITS = ("probe", "random")
 BALANCING = ("auto", "weights", "none")
 IMBALANCE_RATIO = 1.5
 """``balance: auto`` weights the loss when the largest class has this many times the images of
@@ -57,13 +59,18 @@ class FinetuneSettings:
 
     ``epochs`` and ``lr`` default per mode: linear 100 epochs at 0.1 (on features: fast);
     fine-tuning 30 epochs at 0.01 for the head and ``backbone_lr_scale`` times that for the
-    backbone (the linear probe has already trained the head).
+    backbone (the linear probe has already trained the head; 0.05 with ``head_init="random"``).
+    ``mode="auto"`` chooses between them inside the labels (``validation="cv"``).
     """
 
     arch: str | None = None  # read the checkpoint as a torchvision/timm state dict of this backbone
-    mode: str = "linear"
+    mode: str = "auto"
     labels_per_class: int | None = None
     label_fraction: float | None = None
+    validation: str = "cv"
+    cv_folds: int = DEFAULT_FOLDS
+    finetune_cv_folds: int = TRAINING_FOLDS
+    head_init: str = "probe"  # finetune: LP-FT's trained head, or a random one (linear-probe's fine-tuning)
     val_fraction: float = 0.2
     balance: str = "auto"
     epochs: int | None = None
@@ -80,8 +87,14 @@ class FinetuneSettings:
     overwrite: bool = False
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ClassifierError(f"unknown mode '{self.mode}': choose linear or finetune")
+        if self.mode not in MODE_CHOICES:
+            raise ClassifierError(f"unknown mode '{self.mode}': choose auto, linear or finetune")
+        if self.validation not in VALIDATIONS:
+            raise ClassifierError(f"unknown validation '{self.validation}': choose {', '.join(VALIDATIONS)}")
+        if self.head_init not in HEAD_INITS:
+            raise ClassifierError(f"unknown head init '{self.head_init}': choose {', '.join(HEAD_INITS)}")
+        if self.cv_folds < 2 or self.finetune_cv_folds < 1:
+            raise ClassifierError("cv-folds must be at least 2 and finetune-cv-folds at least 1")
         if self.balance not in BALANCING:
             raise ClassifierError(f"unknown balance '{self.balance}': choose {', '.join(BALANCING)}")
         if self.labels_per_class is not None and self.label_fraction is not None:
@@ -105,14 +118,13 @@ class FinetuneSettings:
             return LabelBudget(fraction=self.label_fraction)
         return None
 
-    def resolved(self) -> dict[str, Any]:
-        """The settings with the per-mode defaults filled in (what ``classifier.json`` records)."""
-        linear = self.mode == "linear"
+    def resolved(self, mode: str) -> dict[str, Any]:
+        """The settings with ``mode``'s defaults filled in (what ``classifier.json`` records)."""
         values = asdict(self)
-        head = LINEAR_HEAD_DEFAULTS
-        values["epochs"] = self.epochs or (head["epochs"] if linear else 30)
-        values["lr"] = self.lr or (head["lr"] if linear else 0.01)
-        values["patience"] = self.patience or (head["patience"] if linear else 10)
+        defaults = mode_defaults(mode)
+        values.update(mode=mode, requested_mode=self.mode, epochs=self.epochs or defaults["epochs"],
+                      lr=self.lr or (0.05 if mode == "finetune" and self.head_init == "random" else defaults["lr"]),
+                      patience=self.patience or defaults["patience"])
         for transient in ("progress", "overwrite", "num_workers", "device"):
             values.pop(transient)
         return values
@@ -166,7 +178,7 @@ def open_splits(train: str, val: str | None, test: str | None, settings: Finetun
             check_same_classes(train_source, others[role], train, spec, role)
     pool = SubsetSource(train_source, np.arange(len(train_source)))
     val_images = SubsetSource(others["val"], np.arange(len(others["val"]))) if val else None
-    if val is None and settings.val_fraction > 0:
+    if val is None and settings.validation == "pool" and settings.val_fraction > 0:
         # positions in the whole pool are positions in the source
         kept, held_out = stratified_split(pool.labels, settings.val_fraction, settings.seed + 1)
         pool, val_images = pool.subset(kept), pool.subset(held_out)
@@ -218,89 +230,6 @@ def check_input_size(backbone: nn.Module, input_size: int, architecture: str, pr
         raise ClassifierError(f"input size {input_size} px does not fit the {architecture} backbone: {first}") from None
 
 
-def _balanced_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
-    from sklearn.metrics import balanced_accuracy_score
-
-    return float(balanced_accuracy_score(labels, scores.argmax(axis=1)))
-
-
-def _features(backbone, source, transform, settings: FinetuneSettings, device):
-    """``(N, D)`` features and ``(N,)`` labels of the readable images of ``source``."""
-    embeddings = extract_embeddings(backbone, source, transform, batch_size=256, device=device,
-                                    num_workers=settings.num_workers, progress=settings.progress)
-    return embeddings.features, embeddings.labels
-
-
-def train_linear_head(backbone, splits: LabelledSplits, transform, settings: FinetuneSettings,
-                      weights, device) -> tuple[nn.Linear, dict]:
-    """A linear head on frozen, standardised features; the standardisation folded into it.
-
-    Returns:
-        ``nn.Linear(D, C)`` on raw backbone features, and what was chosen (best epoch...).
-    """
-    # in finetune mode --epochs and --lr belong to the second stage; the head gets the linear defaults
-    resolved = settings.resolved() if settings.mode == "linear" else LINEAR_HEAD_DEFAULTS
-    train_x, train_y = _features(backbone, splits.train, transform, settings, device)
-    scaler = Standardise(train_x).to(device)
-    linear = nn.Linear(train_x.shape[1], len(splits.classes)).to(device)
-    head = nn.Sequential(scaler, linear)
-    val_x, val_y = _features(backbone, splits.val, transform, settings, device) if splits.val else (None, None)
-    batches = feature_batches(train_x, train_y, settings.batch_size, settings.seed)
-
-    def score_val() -> float:
-        with torch.no_grad():
-            head.eval()
-            return _balanced_accuracy(head(torch.as_tensor(val_x).to(device)).cpu().numpy(), val_y)
-
-    history = train_with_early_stopping(
-        head, head.parameters(), batches, score_val if val_x is not None else None,
-        epochs=resolved["epochs"], lr=resolved["lr"],
-        patience=resolved["patience"] if val_x is not None else None, device=device, class_weights=weights,
-        progress=settings.progress and settings.mode == "linear")
-    return fold_standardisation(scaler, linear), {"best_epoch": history.best_epoch,
-                                                  "epochs_run": len(history.val_top1)}
-
-
-def fold_standardisation(scaler: Standardise, linear: nn.Linear) -> nn.Linear:
-    """``linear((x - mean) / std)`` as one ``nn.Linear`` on ``x``: ``W' = W / std``,
-    ``b' = b - W' mean``."""
-    folded = nn.Linear(linear.in_features, linear.out_features)
-    with torch.no_grad():
-        weight = linear.weight / scaler.std
-        folded.weight.copy_(weight)
-        folded.bias.copy_(linear.bias - weight @ scaler.mean)
-    return folded
-
-
-def _logits(network: ImageClassifier, source, transform, settings: FinetuneSettings, device):
-    """``(N, C)`` logits and ``(N,)`` labels of ``source`` through backbone and head (eval mode)."""
-    return _features(nn.Sequential(network.backbone, network.head), source, transform, settings, device)
-
-
-def finetune_network(network: ImageClassifier, splits: LabelledSplits, transform, settings: FinetuneSettings,
-                     weights, device) -> dict:
-    """Train the whole ``network`` (head already trained) on augmented images; keep the epoch
-    with the best validation balanced accuracy. Small images are decoded once and augmented a
-    batch at a time (``linear_probe.finetune.training_route``)."""
-    resolved = settings.resolved()
-    model = nn.Sequential(network.backbone, network.head)  # normalised input, as the transforms give
-    batches, score = training_route(splits.train, transform, settings.batch_size, settings.seed, settings.hflip,
-                                    settings.num_workers, device)
-    val = prepare_scoring(splits.val, transform) if splits.val is not None else None
-    parameters = [{"params": network.backbone.parameters(), "lr": resolved["lr"] * settings.backbone_lr_scale},
-                  {"params": network.head.parameters(), "lr": resolved["lr"]}]
-    def score_val() -> float:
-        return _balanced_accuracy(*score(model, val))
-
-    history = train_with_early_stopping(
-        model, parameters, batches, score_val if val is not None else None,
-        epochs=resolved["epochs"], lr=resolved["lr"],
-        weight_decay=5e-4, patience=resolved["patience"] if val is not None else None, device=device,
-        class_weights=weights, progress=settings.progress,
-        val_every=validation_interval(len(splits.train), len(splits.val), resolved["epochs"]) if val is not None else 1)
-    return {"best_epoch": history.best_epoch, "epochs_run": len(history.val_top1)}
-
-
 # ---------------------------------------------------------------------------------------------
 # The whole run
 
@@ -319,8 +248,24 @@ def _score(network, source, transform, settings, device, classes) -> dict | None
     """Metrics of the trained network on ``source`` (None without one)."""
     if source is None:
         return None
-    scores, labels = _logits(network, source, transform, settings, device)
-    return classification_metrics(scores, labels, len(classes), classes)
+    embeddings = extract_embeddings(nn.Sequential(network.backbone, network.head), source, transform, batch_size=256,
+                                    device=device, num_workers=settings.num_workers, progress=settings.progress)
+    return classification_metrics(embeddings.features, embeddings.labels, len(classes), classes)
+
+
+def held_out(splits: LabelledSplits, settings: FinetuneSettings) -> tuple[list, bool, dict]:
+    """``(folds, refit, description)``: what the mode and epochs are chosen on."""
+    if splits.val is not None:
+        return [(splits.train, splits.val)], False, {"protocol": "pool", "n_val": len(splits.val)}
+    if settings.validation == "none":
+        return [], True, {"protocol": "none", "n_val": 0}
+    plan = plan_folds(splits.train.labels, settings.seed, settings.cv_folds)
+    if plan is None:
+        log.warning("no class has two labelled images: nothing can be held out, so %s trains every epoch of its "
+                    "budget", "linear" if settings.mode == "auto" else settings.mode)
+        return [], True, {"protocol": "fixed", "n_val": 0}
+    folds = [(splits.train.subset(fold.train), splits.train.subset(fold.val)) for fold in plan.folds]
+    return folds, True, {**plan.describe(), "n_val": 0}
 
 
 def train_classifier(checkpoint: str | Path, train: str, out_dir: str | Path, *, val: str | None = None,
@@ -352,26 +297,25 @@ def train_classifier(checkpoint: str | Path, train: str, out_dir: str | Path, *,
              ", ".join(f"{name}: {count}" for name, count in list(counts.items())[:12]),
              "classes imbalanced: loss weighted by n / (classes x n_class)" if weights is not None
              else "no class weighting")
-    if splits.val is None:
-        log.warning("no validation images: training for the whole epoch budget, nothing chosen")
     transform = build_eval_transform(input_size, binfo.mean, binfo.std)
     backbone = backbone.to(device)
-    head, chosen = train_linear_head(backbone, splits, transform, settings, weights, device)
-    network = ImageClassifier(backbone, binfo.feature_dim, len(splits.classes), binfo.mean, binfo.std).to(device)
-    network.head.load_state_dict(head.state_dict())
-    if settings.mode == "finetune":
-        network.backbone = copy.deepcopy(backbone).requires_grad_(True)
-        chosen = {"linear_probe": chosen, **finetune_network(network, splits, transform, settings, weights, device)}
-    network.eval()
+    job = Job(backbone, binfo.feature_dim, len(splits.classes), binfo.mean, binfo.std, transform, settings, weights,
+              device)
+    folds, refit, validation = held_out(splits, settings)
+    modes = MODES if settings.mode == "auto" else (settings.mode,)
+    network, mode, chosen = choose_and_fit(job, modes, splits.train, folds, refit, settings.finetune_cv_folds)
+    if settings.mode == "auto":
+        log.info("chosen: %s (%s)", mode, validation.get("rule", validation["protocol"]))
+    n_val = validation["n_val"]
     info = ClassifierInfo(
         classes=splits.classes, architecture=binfo.architecture, small_stem=binfo.small_stem,
-        feature_dim=binfo.feature_dim, input_size=input_size, mean=binfo.mean, std=binfo.std, mode=settings.mode,
+        feature_dim=binfo.feature_dim, input_size=input_size, mean=binfo.mean, std=binfo.std, mode=mode,
         backbone={"checkpoint": str(checkpoint), "weights_sha256": fingerprint_module(backbone), "epoch": binfo.epoch},
-        training={**settings.resolved(), "data": {"train": train, "val": val or f"{settings.val_fraction} of train",
-                                                  "test": test},
-                  "n_train": len(splits.train), "n_val": len(splits.val) if splits.val else 0,
-                  "train_counts": counts, "class_weights": None if weights is None else weights.tolist(),
-                  **chosen},
+        training={**settings.resolved(mode), "data": {"train": train, "val": val or (
+                      f"{settings.val_fraction} of train" if validation["protocol"] == "pool" else None), "test": test},
+                  "n_train": len(splits.train), "n_val": n_val, "labels_used": len(splits.train) + n_val,
+                  "validation": validation, "train_counts": counts,
+                  "class_weights": None if weights is None else weights.tolist(), **chosen},
         validation=_score(network, splits.val, transform, settings, device, splits.classes),
         test=_score(network, splits.test, transform, settings, device, splits.classes),
     )

@@ -33,6 +33,13 @@ class _ConfigBase(Section):
     recipe_sections: list[str] = []
     """Where that recipe was read: ``recipes.METHOD``, ``variants.CONDITION.recipes.METHOD``
     (informational; set by ``load_config``)."""
+    survey: Optional[str] = None
+    """What the data, the machine and the ``--init`` weights looked like, where the settings were
+    chosen from them (``ssl-pretrain`` without ``--config``; ``ssl_pretrain.recipe``; informational)."""
+    survey_choices: dict[str, str] = {}
+    """Each setting chosen from that survey -> why (informational; set by ``ssl_pretrain.recipe``)."""
+    survey_advice: list[str] = []
+    """Warnings, with their fixes, that the survey gave (``ssl_pretrain.recipe.advise``; informational)."""
     method: str = DEFAULT_METHOD
     """The pretraining method (``ssl_pretrain.methods``; ``ssl-pretrain --list-methods``). Its
     hyper-parameters are in the section of the same name (``simclr.temperature``, ``byol.momentum``)."""
@@ -132,8 +139,10 @@ def _format_validation_error(error: ValidationError, origin: str) -> str:
     return f"{origin}: bad value for '{key}': {first['msg']} (got {first.get('input')!r})"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
-    """Defaults, then the YAML file at ``path``, then its ``variants:`` entry that fits this
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (),
+                base: Optional[dict[str, Any]] = None) -> Config:
+    """Defaults, then ``base`` (dotted keys: the recipe ``ssl_pretrain.recipe`` chose from the
+    data), then the YAML file at ``path``, then its ``variants:`` entry that fits this
     hardware (if any), then its ``recipes:`` entry for the method, then ``KEY=VALUE`` overrides.
 
     A preset may start from another: ``extends: OTHER.yaml`` (a path relative to the preset's
@@ -153,7 +162,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     """
     user = [parse_override(text) for text in overrides]
     tree, origin = merge_preset(None if path is None else Path(path), user,
-                                Config.model_fields["method"].default, _base_network_probe)
+                                Config.model_fields["method"].default, _base_network_probe, base)
     try:
         return Config.model_validate(tree)
     except ValidationError as error:

@@ -151,9 +151,10 @@ def apply_variant(tree: dict, variants: dict[str, dict[str, Any]], user: list,
 
 
 def merge_preset(path: Path | None, user: list[tuple[list[str], Any]], default_method: str,
-                 network_probe: NetworkProbe) -> tuple[dict[str, Any], str]:
-    """The preset at ``path`` (none: the defaults) with its variant for this hardware, its recipe
-    for the method and the ``user`` overrides applied, in that order; returns ``(tree, origin)``,
+                 network_probe: NetworkProbe, base: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+    """The preset at ``path`` (none: the defaults) laid over ``base`` (dotted keys: a recipe chosen
+    from the data), with its variant for this hardware, its recipe for the method and the ``user``
+    overrides applied, in that order; returns ``(tree, origin)``,
     ``origin`` naming where the values came from for error messages.
 
     Raises:
@@ -161,9 +162,13 @@ def merge_preset(path: Path | None, user: list[tuple[list[str], Any]], default_m
     """
     tree: dict[str, Any] = {}
     origin = "defaults"
+    for key, value in (base or {}).items():
+        apply_override(tree, [part for part in str(key).split(".") if part], value)
+    if base:
+        origin = "the recipe from the data"
     if path is not None:
         origin = str(path)
-        tree = read_preset(Path(path))
+        tree = _merged(tree, read_preset(Path(path)))
     variants = tree.pop("variants", None)
     recipes = [("recipes", check_recipes(tree.pop("recipes"), origin))] if "recipes" in tree else []
     if variants is not None:

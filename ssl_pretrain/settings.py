@@ -36,10 +36,13 @@ class DataConfig(Section):
     download: bool = False
     """Let torchvision download ``cifar10:``/``cifar100:``/``stl10:`` if missing (needs internet)."""
     pipeline: Literal["auto", "pil", "tensor"] = "auto"
-    """``tensor``: decode every image once into memory and augment whole batches on the training
-    device (fast; images of one size up to 64 px, at most 8 GB decoded). ``pil``: per-image
-    lightly/PIL transforms in data-loader workers (any size, streams from disk). ``auto``: tensor
-    when the images are that small and take under 2 GB decoded (CIFAR-10: 150 MB), else pil."""
+    """``tensor``: decode every image once and augment whole batches on the training device (fast):
+    small images of one size as they are, any others at the training size (shorter side 8/7 of
+    ``augment.input_size``, at least 64 px, centre-cropped) into a cache file that later epochs
+    and runs reuse (``ssl_pretrain.data.pixel_cache``; ``$SSL_PRETRAIN_CACHE/pixels``, else
+    ``~/.cache/ssl-pretrain/pixels``). ``pil``: per-image lightly/PIL transforms in data-loader
+    workers (streams from disk, decodes every epoch). ``auto``: tensor, or pil (with a warning)
+    where the decoded images fit neither on the cache's disk nor in 2 GB of memory."""
     num_workers: int | Literal["auto"] = "auto"
     """Data loader processes; ``auto`` = one per core beyond the training thread, at most 8."""
     max_images: Optional[int] = Field(None, ge=1)
@@ -69,7 +72,8 @@ class AugmentConfig(Section):
     local_views: int = Field(0, ge=0)
     """Multi-crop (SwAV, Caron et al. 2020, Sec. 3.2; DINO): this many small crops of every image on
     top of the two full-size views, for the methods that use them (dino: DINO uses 6-10; simclr). The
-    in-memory batch pipeline makes them (images up to 64 px)."""
+    batch pipeline makes them, from images of any size; with ``data.pipeline=pil`` they are turned
+    off, with a warning."""
     local_size: Optional[int] = None
     """Side of the local crops; default 3/7 of ``input_size`` (DINO's 96 px of 224), at least 8."""
     local_scale: tuple[float, float] = (0.05, 0.4)

@@ -38,6 +38,7 @@ from ssl_pretrain.methods import Method, build_model
 from ssl_pretrain.models.warm_start import load_init_weights
 from ssl_pretrain.precision import default_channels_last, training_autocast
 from ssl_pretrain.presets import VARIANT_CONDITIONS
+from ssl_pretrain.recipe import log_recipe
 from ssl_pretrain.resume import RunState, backbone_info, restore, write_checkpoint
 from ssl_pretrain.settings import ConfigError
 
@@ -152,6 +153,8 @@ def _pretrain(cfg: Config, out_dir: str | Path, resume: bool, overwrite: bool, p
     clock = BudgetClock(60 * cfg.train.time_budget_minutes) if cfg.train.time_budget_minutes else None
     with RunFolder(out_dir, writer=dist_info.is_main) as run, torch_threads(cfg.train.threads):
         main_first(dist_info, lambda: run.prepare(resume=resume, overwrite=overwrite))
+        if cfg.survey:  # ssl-pretrain without --config: the recipe chosen from the data, into train.log
+            log_recipe(cfg.to_dict())
         device = rank_device or resolve_device(cfg.train.device)
         if device.type == "cpu" and cfg.train.keep_freed_memory:
             keep_freed_memory()

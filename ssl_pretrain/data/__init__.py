@@ -1,7 +1,7 @@
 """Images in: sources on disk or in memory (``sources``), tar shards (``shards``), the cached file
 index of large folders (``file_index``), the decoding of one file (``images``), a whole source
-decoded into memory (``decoding``) and the batches of view pairs the training loop reads
-(``dataset``).
+decoded into memory (``decoding``) or at the training size into a cache file (``pixel_cache``) and
+the batches of view pairs the training loop reads (``dataset``).
 
 The names most callers need are importable from here: ``from ssl_pretrain.data import open_source``.
 """

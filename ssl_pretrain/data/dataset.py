@@ -126,15 +126,18 @@ class TensorBatches:
     uint8 tensor ``(N, H, W, 3)``.
 
     Yields the same ``{"views", "skipped"}`` records as the data loader of ``TwoViewDataset``,
-    with the views already on the images' device. The batch order comes from the same
-    ``EpochBatchSampler``; the augmentation is seeded per (seed, epoch, step).
+    with the views on ``device`` (default: the images' device; images too large for a GPU stay
+    on the CPU, memory-mapped, and each batch is gathered there and moved). The batch order comes
+    from the same ``EpochBatchSampler``; the augmentation is seeded per (seed, epoch, step).
     """
 
     def __init__(self, images: torch.Tensor, augment, sampler: EpochBatchSampler, seed: int,
-                 skipped: Optional[list] = None, local_augment=None, local_views: int = 0):
+                 skipped: Optional[list] = None, local_augment=None, local_views: int = 0,
+                 device: Optional[torch.device] = None):
         self.images, self.augment, self.sampler, self.seed = images, augment, sampler, seed
         self.skipped = list(skipped or [])
         self.local_augment, self.local_views = local_augment, local_views  # multi-crop
+        self.device = images.device if device is None else torch.device(device)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -146,5 +149,9 @@ class TensorBatches:
             seed = sample_seed(self.seed, self.sampler.epoch, -2 - step)
             if self.sampler.rank:  # each rank augments its own slice of the global batch
                 seed = sample_seed(seed, self.sampler.rank, -1)
-            views = batch_views(self.images[indices], self.augment, seed, self.local_augment, self.local_views)
+            batch = self.images[indices]
+            if batch.device != self.device:
+                batch = batch.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" \
+                    else batch.to(self.device)
+            views = batch_views(batch, self.augment, seed, self.local_augment, self.local_views)
             yield {"views": views, "skipped": self.skipped if offset == 0 else []}

@@ -1,6 +1,8 @@
 """The data pipeline a pretraining run reads: which images (``open_training_source``) and how they
-become batches of views (``build_loader``): small images of one size decoded once into memory and
-augmented in whole batches on the training device, anything else through a PIL ``DataLoader``.
+become batches of views (``build_loader``): every image decoded once - small images of one size
+as they are, anything else at the training size into a cache file (``pixel_cache``) - and augmented
+in whole batches on the training device; a PIL ``DataLoader`` where asked (``data.pipeline=pil``) or
+where the images fit neither in memory nor on the disk.
 
 ``cfg`` here is the run's ``ssl_pretrain.config.Config`` (its ``data``, ``augment`` and ``train``
 sections are read).
@@ -22,6 +24,7 @@ from ssl_pretrain.data.dataset import EpochBatchSampler, TensorBatches, TwoViewD
 from ssl_pretrain.data.decoding import (TENSOR_PIPELINE_AUTO_BYTES, TENSOR_PIPELINE_MAX_BYTES, common_small_size,
                                         decode_all, decode_workers)
 from ssl_pretrain.data.images import DataError
+from ssl_pretrain.data.pixel_cache import storage_side, store_source
 from ssl_pretrain.data.sources import check_readable, open_source, random_subset
 from ssl_pretrain.engine.distributed import DistInfo, main_first
 from ssl_pretrain.settings import ConfigError
@@ -58,34 +61,39 @@ def open_training_source(cfg, run_path: Path, dist_info: DistInfo = DistInfo()):
 
 
 def resolve_pipeline(cfg, source) -> Optional[tuple[int, int]]:
-    """The image size for the in-memory tensor pipeline, or None for the PIL pipeline."""
+    """The native image size when every image is small (up to 64 px), of one size, and all of them
+    fit in memory: decoded as they are, with no resampling. None otherwise (``store_source``)."""
     if cfg.data.pipeline == "pil":
         return None
     size = common_small_size(source)
     decoded = len(source) * size[0] * size[1] * 3 if size is not None else None
-    if cfg.data.pipeline == "tensor":
-        if decoded is None or decoded >= TENSOR_PIPELINE_MAX_BYTES:
-            raise ConfigError("data.pipeline=tensor needs images of one size, up to 64 px, that fit in "
-                              "8 GB of memory; use data.pipeline=pil for these images")
-        return size
-    # auto: a large corpus streams from disk instead of being held in memory as images
-    return size if decoded is not None and decoded < TENSOR_PIPELINE_AUTO_BYTES else None
+    limit = TENSOR_PIPELINE_MAX_BYTES if cfg.data.pipeline == "tensor" else TENSOR_PIPELINE_AUTO_BYTES
+    return size if decoded is not None and decoded < limit else None
 
 
 def build_loader(cfg, source, device: torch.device, progress: bool = True, dist_info: DistInfo = DistInfo()):
-    """Batches of view pairs: ``TensorBatches`` for small images in memory, else a DataLoader.
+    """Batches of view pairs: ``TensorBatches`` from images decoded once (at their own size when
+    small and of one size, else at the training size, ``pixel_cache``), else a DataLoader.
 
     In a distributed run each rank gets its slice of every global batch (``EpochBatchSampler``).
+    Multi-crop (``augment.local_views``) needs the batch pipeline; on the per-image one it is
+    turned off with a warning (``cfg.augment.local_views`` set to 0, so the run's config says so).
 
     Returns:
         ``(batches, sampler)``; iterating ``batches`` yields ``{"views", "skipped"}`` records.
     """
-    size = resolve_pipeline(cfg, source)
-    if size is not None:
-        return _tensor_batches(cfg, source, size, device, progress, dist_info)
+    if cfg.data.pipeline != "pil":
+        decoded = decode_for_batches(cfg, source, progress, dist_info)
+        if decoded is not None:
+            return _tensor_batches(cfg, *decoded, device, dist_info)
+        if cfg.data.pipeline == "tensor":
+            raise ConfigError("data.pipeline=tensor: these images fit neither in memory nor in a cache file "
+                              "(see the warning above); use data.pipeline=auto or pil")
     if cfg.augment.local_views:
-        raise ConfigError("augment.local_views (multi-crop) needs the in-memory pipeline: images of one size up "
-                          "to 64 px that fit in memory (data.pipeline=tensor)")
+        log.warning("augment.local_views (multi-crop) is made by the batch pipeline, and this run reads its "
+                    "images one by one (data.pipeline=%s): trained without the %d local views",
+                    cfg.data.pipeline, cfg.augment.local_views)
+        cfg.augment.local_views = 0
     transform = build_view_transform(cfg.augment)
     dataset = TwoViewDataset(source, transform, cfg.train.seed)
     sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, dist_info.rank,
@@ -105,29 +113,62 @@ def build_loader(cfg, source, device: torch.device, progress: bool = True, dist_
     return loader, sampler
 
 
-def _tensor_batches(cfg, source, size: tuple[int, int], device: torch.device, progress: bool,
-                    dist_info: DistInfo):
-    """``build_loader``'s in-memory pipeline: every image decoded once, augmented by batches."""
+def decode_for_batches(cfg, source, progress: bool, dist_info: DistInfo):
+    """Every image of ``source`` decoded once: ``(images (N_ok, H, W, 3) uint8, skipped (name, reason),
+    grey, how)``, or None where they can be neither held in memory nor cached (logged).
+
+    Small images of one size stay as they are; anything else is decoded at the training size
+    into a cache file that later epochs and runs reuse (``pixel_cache.store_source``). Rank 0
+    writes the cache file, the other ranks then read it.
+    """
     # Nothing else runs yet: this rank's share of the machine's cores decodes (torchrun sets
     # LOCAL_WORLD_SIZE, the ranks on this machine).
     workers = decode_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    images, _, skipped = decode_all(source, size, progress=progress, workers=workers)
+    size = resolve_pipeline(cfg, source)
+    if size is not None:
+        images, _, skipped = decode_all(source, size, progress=progress, workers=workers)
+        return images, skipped, is_grey(images), "decoded into memory"
+    side = storage_side(cfg.augment.input_size)
+    limit = TENSOR_PIPELINE_MAX_BYTES if cfg.data.pipeline == "tensor" else TENSOR_PIPELINE_AUTO_BYTES
+
+    def store():
+        return store_source(source, side, workers, progress, memory_limit=limit)
+
+    stored = main_first(dist_info, store)
+    stored = store() if not dist_info.is_main else stored
+    if stored is None:
+        return None
+    if stored.reused:
+        how = f"read from the cache file {stored.cache_file} (no image opened)"
+    elif stored.cache_file is not None:
+        how = (f"(shorter side resized, centre-cropped) decoded in {stored.seconds:.1f} s into the cache file "
+               f"{stored.cache_file} ({stored.images.nbytes / 2**20:.0f} MB; later runs reuse it)")
+    else:
+        how = f"(shorter side resized, centre-cropped) decoded in {stored.seconds:.1f} s into memory"
+    return stored.images, stored.skipped, stored.grey, how
+
+
+def _tensor_batches(cfg, images, skipped, grey: bool, how: str, device: torch.device, dist_info: DistInfo):
+    """``build_loader``'s batch pipeline over decoded images: augmented by batches on ``device``."""
     if len(images) < cfg.train.batch_size:
         raise DataError(f"only {len(images)} readable images, fewer than one batch of {cfg.train.batch_size}")
     sampler = EpochBatchSampler(len(images), cfg.train.batch_size, cfg.train.seed, dist_info.rank,
                                 dist_info.world_size)
     # grey images (scans, X-rays, digits): skip the colour steps that cannot change them
-    grey = is_grey(images)
     augment = build_batch_augment(cfg.augment, grey=grey).to(device)
     local_augment = (build_batch_augment(cfg.augment, local=True, grey=grey).to(device)
                      if cfg.augment.local_views else None)
-    batches = TensorBatches(torch.from_numpy(images).to(device), augment, sampler, cfg.train.seed, skipped,
-                            local_augment, cfg.augment.local_views)
+    pixels = torch.from_numpy(images)
+    # on the training device when it fits there; else each batch is gathered on the CPU and moved
+    if device.type == "cpu" or images.nbytes <= TENSOR_PIPELINE_MAX_BYTES:
+        pixels = pixels.to(device)
+    batches = TensorBatches(pixels, augment, sampler, cfg.train.seed, skipped, local_augment,
+                            cfg.augment.local_views, device=device)
     local = (f" (+ {cfg.augment.local_views} local views of {cfg.augment.local_size} px)"
              if cfg.augment.local_views else "") + ("; grey images: no saturation, hue or grey-scale steps" if grey else "")
-    log.info("data: %d images decoded into memory (%dx%d), batch %d%s, %d steps/epoch, "
-             "augmented in batches on %s%s", len(images), size[0], size[1], cfg.train.batch_size,
-             per_rank(sampler), len(sampler), device, local)
+    log.info("data: %d images of %dx%d px %s, batch %d%s, %d steps/epoch, augmented in batches on %s%s",
+             len(images), images.shape[2], images.shape[1], how, cfg.train.batch_size, per_rank(sampler),
+             len(sampler), device, local)
     return batches, sampler
 
 

@@ -162,8 +162,9 @@ class TarShardSource:
         start, end = self._name_starts[index], self._name_starts[index + 1]
         return self._names[start:end].decode("utf-8", "surrogateescape")
 
-    def load(self, index: int) -> Image.Image:
-        """The image of sample ``index`` as RGB, checked like a file (``load_image``).
+    def load(self, index: int, min_side: int | None = None) -> Image.Image:
+        """The image of sample ``index`` as RGB, checked like a file (``load_image``); ``min_side``:
+        a JPEG may decode at reduced size while both sides stay this long.
 
         Raises:
             UnreadableImage: the member is not a decodable image, or the shard changed or vanished.
@@ -175,7 +176,7 @@ class TarShardSource:
             raise UnreadableImage(f"cannot read shard: {error.strerror or error}") from None
         if len(data) != size:
             raise UnreadableImage(f"shard shorter than indexed ({len(data)} of {size} bytes): changed since?")
-        return decode_image_bytes(data, self.max_pixels)
+        return decode_image_bytes(data, self.max_pixels, min_side)
 
     def fingerprint(self) -> str:
         """SHA-256 of the shards' paths, sizes and modification times, and of the labels."""

@@ -134,8 +134,9 @@ class FileSource:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, index: int) -> Image.Image:
-        return load_image(self.paths[index], self.max_pixels)
+    def load(self, index: int, min_side: int | None = None) -> Image.Image:
+        """``min_side``: a JPEG may decode at reduced size while both sides stay this long (``load_image``)."""
+        return load_image(self.paths[index], self.max_pixels, min_side)
 
     def name(self, index: int) -> str:
         path = self.paths[index]
@@ -154,8 +155,8 @@ class ArraySource:
     def __len__(self) -> int:
         return len(self.images)
 
-    def load(self, index: int) -> Image.Image:
-        return to_rgb(Image.fromarray(self.images[index]))
+    def load(self, index: int, min_side: int | None = None) -> Image.Image:
+        return to_rgb(Image.fromarray(self.images[index]))  # in memory already: min_side saves nothing
 
     def name(self, index: int) -> str:
         return f"{self.prefix}/{index:06d}"
@@ -180,8 +181,10 @@ class SubsetSource:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def load(self, index: int) -> Image.Image:
-        return self.source.load(int(self.indices[index]))
+    def load(self, index: int, min_side: int | None = None) -> Image.Image:
+        if min_side is None:  # a wrapped source whose load takes no min_side still works
+            return self.source.load(int(self.indices[index]))
+        return self.source.load(int(self.indices[index]), min_side=min_side)
 
     def name(self, index: int) -> str:
         return self.source.name(int(self.indices[index]))

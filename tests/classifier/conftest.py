@@ -25,7 +25,7 @@ def backbone_run(tmp_path_factory) -> Path:
 def linear_model(backbone_run, tmp_path_factory) -> Path:
     """A linear classifier trained on the 1,347 training digits (random smallconv features)."""
     out = tmp_path_factory.mktemp("model")
-    settings = FinetuneSettings(device="cpu", progress=False, overwrite=True, epochs=60)
+    settings = FinetuneSettings(device="cpu", progress=False, overwrite=True, epochs=60, mode="linear")
     train_classifier(backbone_run, "builtin:digits:train", out, test="builtin:digits:test", settings=settings)
     return out
 

@@ -18,7 +18,8 @@ from ssl_classifier import Classifier
 from ssl_classifier.cli import export_main, finetune_main, predict_main
 from ssl_classifier.model import ClassifierError, load_network
 from ssl_classifier.preprocess import to_input
-from ssl_classifier.train import FinetuneSettings, class_weights, fold_standardisation, train_classifier
+from ssl_classifier.fitting import fold_standardisation
+from ssl_classifier.train import FinetuneSettings, class_weights, train_classifier
 from ssl_pretrain.augment.transforms import build_eval_transform
 
 from cli_checks import assert_one_line_error
@@ -32,7 +33,10 @@ def test_linear_classifier_is_saved_described_and_accurate_on_held_out_digits(li
     assert info["classes"] == [str(digit) for digit in range(10)]
     assert info["architecture"] == "smallconv" and info["input_size"] == 16 and info["mode"] == "linear"
     assert len(info["backbone"]["weights_sha256"]) == 64 and info["training"]["n_train"] > 1000
-    assert info["validation"]["top1"] > 0.85 and info["test"]["balanced_accuracy"] > 0.85
+    # chosen inside the labels (cross-validation): no validation set, every label trains the refit
+    assert info["validation"] is None and info["training"]["validation"]["protocol"] == "cv"
+    assert info["training"]["labels_used"] == info["training"]["n_train"] == 1347
+    assert info["training"]["validation_balanced_accuracy"] > 0.85 and info["test"]["balanced_accuracy"] > 0.85
     folder, labels = test_digit_files
     classifier = Classifier.load(linear_model)
     predictions = classifier.predict(sorted(str(path) for path in folder.glob("*.png")), top_k=3)
@@ -90,7 +94,7 @@ def test_finetune_mode_trains_the_backbone_with_a_label_budget(backbone_run, tmp
     info = json.loads((out / "classifier.json").read_text())
     assert info["mode"] == "finetune" and info["training"]["n_train"] == 100
     assert set(info["training"]["train_counts"].values()) == {10}
-    assert info["training"]["epochs_run"] <= 2 and "linear_probe" in info["training"]
+    assert info["training"]["epochs"] <= 2 and "linear_probe" in info["training"]
     network, _ = load_network(out)
     pretrained, _ = load_network(out)  # same file: compare against the exported backbone instead
     from ssl_pretrain.checkpoint import load_backbone
@@ -99,14 +103,14 @@ def test_finetune_mode_trains_the_backbone_with_a_label_budget(backbone_run, tmp
     changed = [name for name, tensor in backbone.state_dict().items()
                if tensor.is_floating_point() and not torch.equal(tensor, network.backbone.state_dict()[name])]
     assert changed, "fine-tuning must update the backbone"
-    assert "validation" in capsys.readouterr().out
+    assert "cross-validated inside the labels" in capsys.readouterr().out
 
 
 def test_imbalanced_classes_get_a_weighted_loss_and_balanced_metrics(backbone_run, tmp_path, caplog):
     train = write_digits_folder(tmp_path / "train", 40, classes=[1])
     write_digits_folder(train, 120, classes=[7])
     out = tmp_path / "model"
-    settings = FinetuneSettings(device="cpu", progress=False, epochs=20)
+    settings = FinetuneSettings(device="cpu", progress=False, epochs=20, mode="linear", validation="pool")
     with caplog.at_level("INFO"):
         result = train_classifier(backbone_run, str(train), out, settings=settings)
     assert "imbalanced" in caplog.text
@@ -122,7 +126,7 @@ def test_csv_label_file_trains_like_a_folder(backbone_run, tmp_path):
     lines = ["path,label"] + [f"{path.relative_to(tmp_path)},{path.parent.name}" for path in sorted(train.rglob("*.png"))]
     (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
     result = train_classifier(backbone_run, str(tmp_path / "labels.csv"), tmp_path / "model",
-                              settings=FinetuneSettings(device="cpu", progress=False, epochs=10))
+                              settings=FinetuneSettings(device="cpu", progress=False, epochs=10, mode="linear"))
     assert result.info.classes == ["0", "3", "8"] and result.info.training["n_train"] + result.info.training["n_val"] == 45
 
 
@@ -280,9 +284,9 @@ def test_truncated_or_foreign_model_files_are_one_line_errors(linear_model, tmp_
     assert not (foreign / "classifier.onnx").exists()
 
 
-def test_without_validation_the_whole_budget_runs_and_the_last_epoch_is_kept(backbone_run, tmp_path):
-    settings = FinetuneSettings(device="cpu", progress=False, epochs=7, val_fraction=0.0)
+def test_without_validation_the_whole_budget_runs(backbone_run, tmp_path):
+    settings = FinetuneSettings(device="cpu", progress=False, epochs=7, validation="none", mode="linear")
     result = train_classifier(backbone_run, "builtin:digits:train", tmp_path / "model", settings=settings)
     training = result.info.training
-    assert training["n_val"] == 0 and result.info.validation is None
-    assert training["epochs_run"] == 7 and training["best_epoch"] == 7
+    assert training["n_val"] == 0 and result.info.validation is None and training["validation"]["protocol"] == "none"
+    assert training["epochs"] == 7 and training["labels_used"] == training["n_train"] == 1347

@@ -52,7 +52,7 @@ def test_builtin_digits_with_a_held_out_test_fraction_and_per_class_labels(rando
     assert main(argv) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert {row["features"] for row in rows} == {"ssl", "random_init", "pixels"}
-    assert all(row["n_train"] == 50 and row["chosen"] == {"k": 20, "temperature": 0.07} for row in rows)
+    assert all(row["n_train"] == 50 and row["chosen"] == {"k": 20, "temperature": 0.07, "fixed": True} for row in rows)
     pixels = next(row for row in rows if row["features"] == "pixels")
     assert pixels["top1"] > 0.7  # 5 labels per class of real digits: kNN on pixels works
     cached = sorted(path.name for path in (out / "embeddings").iterdir())
@@ -76,9 +76,13 @@ def test_a_class_with_one_image_stays_in_train_when_validation_is_split_off(rand
         extra.unlink()
     test = write_digits_folder(tmp_path / "test", 3, offset=10, classes=[0, 1, 2])
     argv = ["--checkpoint", str(random_checkpoint), "--train", str(train), "--test", str(test), "--out",
-            str(tmp_path / "eval"), "--methods", "knn,logreg", "--label-fractions", "1.0", "--seeds", "1", "--no-plots"] + EVAL_FAST
-    assert main(argv) == 0
+            str(tmp_path / "eval"), "--methods", "knn,logreg", "--label-fractions", "1.0", "--seeds", "1", "--no-plots"]
+    assert main(argv + ["--validation", "pool"] + EVAL_FAST) == 0
     assert "single image" in caplog.text
+    # inside the budget (the default) the single image trains in every fold and is never held out
+    assert main(argv + ["--out", str(tmp_path / "cv")] + EVAL_FAST) == 0
+    rows = json.loads((tmp_path / "cv" / "results.json").read_text())["rows"]
+    assert all("1 class(es) with one labelled image train in every fold" in row["validation"]["rule"] for row in rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +152,7 @@ def test_bad_settings(random_checkpoint, digits_folders, tmp_path, capsys, flags
 
 def test_validation_needed_but_switched_off(random_checkpoint, digits_folders, tmp_path, capsys):
     status = run_args(random_checkpoint, digits_folders[0], digits_folders[1], tmp_path,
-                      "--methods", "logreg", "--val-fraction", "0")
+                      "--methods", "logreg", "--validation", "pool", "--val-fraction", "0")
     assert_one_line_error(capsys, status, "validation")
 
 

@@ -139,15 +139,17 @@ def test_data_errors_before_training(tmp_path):
         pretrain(tiny_config("data.source=null"), tmp_path / "b", progress=False)
 
 
-def test_tensor_pipeline_needs_small_images_of_one_size(tmp_path):
+def test_images_of_several_sizes_train_in_the_batch_pipeline_at_the_storage_side(tmp_path):
     from PIL import Image
 
+    folder = tmp_path / "images"
+    folder.mkdir()
     for index, size in enumerate([(20, 20), (30, 20), (20, 20)] * 30):
-        Image.new("RGB", size, (index, 0, 0)).save(tmp_path / f"{index:03d}.png")
-    with pytest.raises(ConfigError, match="data.pipeline=tensor needs images of one size"):
-        pretrain(tiny_config("data.pipeline=tensor", source=str(tmp_path)), tmp_path / "run", progress=False)
-    pretrain(tiny_config(source=str(tmp_path)), tmp_path / "auto", progress=False)  # auto falls back to pil
-    assert "loader workers" in (tmp_path / "auto" / "train.log").read_text()
+        Image.new("RGB", size, (index, 0, 0)).save(folder / f"{index:03d}.png")
+    pretrain(tiny_config("data.pipeline=tensor", source=str(folder)), tmp_path / "tensor", progress=False)
+    assert "90 images of 64x64 px (shorter side resized" in (tmp_path / "tensor" / "train.log").read_text()
+    pretrain(tiny_config(source=str(folder)), tmp_path / "auto", progress=False)  # a later run reuses the pixels
+    assert "read from the cache file" in (tmp_path / "auto" / "train.log").read_text()
 
 
 def test_threads_setting_applies_to_the_run_only(tmp_path):
