@@ -171,11 +171,6 @@ def median_epoch(best_epochs: Sequence[int]) -> int:
     return max(1, ordered[(len(ordered) - 1) // 2])
 
 
-def log_fixed(method: str, settings: str) -> None:
-    log.warning("%s: no class has two labelled images, so nothing can be validated inside the budget: "
-                "fixed settings (%s)", method, settings)
-
-
 def fold_runs(plan: FoldPlan, run: Callable[[Fold], Any]) -> list[Any]:
     """``run(fold)`` for every scored fold, in order."""
     return [run(fold) for fold in plan.folds]

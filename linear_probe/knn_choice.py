@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from linear_probe.crossval import FIXED, choose, log_fixed
+from linear_probe.crossval import FIXED, choose
 from linear_probe.knn import evaluate_knn, search_neighbours
 from linear_probe.scoring import ProbeResult
 
@@ -65,8 +65,8 @@ def evaluate_knn_folds(train_features, train_labels, test_features, test_labels,
     val_top1 = None
     if k is not None and temperature is not None:
         chosen["fixed"] = True
-    elif not folds:
-        log_fixed("kNN", f"k={FIXED['knn_k']}, T={FIXED['knn_temperature']}")
+    elif not folds:  # nothing to validate on (the caller logs it once per budget): crossval.FIXED
+        chosen["fixed"] = True
         k = k if k is not None else FIXED["knn_k"]
         temperature = temperature if temperature is not None else FIXED["knn_temperature"]
     else:

@@ -2,7 +2,8 @@
 choosing inside it costs, and whether ``ssl-finetune`` reproduces the report's classifier.
 
     python scripts/bench_protocols.py --checkpoint RUN --train DATA/train --test DATA/test \\
-        --out /tmp/protocols --budgets 1pc,10pc,100pc --seeds 3 [--classifier-check 10pc,100pc]
+        --out /tmp/protocols --budgets 1pc,10pc,100pc --seeds 3 [--methods knn,logreg,linear] \\
+        [--classifier-check 10pc,100pc]
 
 The same checkpoint is evaluated by ``linear-probe`` twice, ``--validation cv`` (the default:
 k-fold cross-validation inside each budget) and ``--validation pool`` (a validation share of the
@@ -35,6 +36,7 @@ import benchmarking
 
 def run_protocol(args, protocol: str, out: Path) -> tuple[list[dict], float]:
     settings = EvaluationSettings(label_budgets=parse_label_budgets(args.budgets), seeds=args.seeds,
+                                  methods=tuple(args.methods.split(",")),
                                   validation=protocol, plots=False, progress=False, leak_check=False,
                                   finetune_max_fraction=1.0, device="cpu")
     start = time.perf_counter()
@@ -46,8 +48,9 @@ def classifier_check(args, rows: list[dict], budget: str, out: Path) -> dict:
     """ssl-finetune with the report's configuration at ``budget``, every seed; mean test top-1."""
     from ssl_classifier.train import FinetuneSettings, train_classifier
 
-    best = best_classifier(rows, budget)
-    per_class = parse_label_budgets(budget)[0].per_class
+    label_budget = parse_label_budgets(budget)[0]
+    best = best_classifier(rows, label_budget.label)
+    per_class = label_budget.per_class
     scores = []
     for seed in range(args.seeds):
         finetune = dict(mode=best["method"], epochs=best["epochs"], validation="none", seed=seed, device="cpu",
@@ -70,6 +73,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--budgets", default="1pc,10pc,100pc")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--methods", default="knn,logreg,linear,finetune")
     parser.add_argument("--classifier-check", default="", help="budgets to train ssl-finetune at, e.g. 10pc,100pc")
     args = parser.parse_args()
     out = Path(args.out)
@@ -89,14 +93,15 @@ def main() -> None:
     method_pool = sum(row["seconds"] for row in rows_pool)
     print(f"\nmethods' seconds: cv {method_cv:.0f}, pool {method_pool:.0f} (cv / pool {method_cv / method_pool:.2f}x); "
           f"wall: cv {seconds_cv:.0f} s (embeddings extracted), pool {seconds_pool:.0f} s (embeddings cached)")
+    record = {"cv": rows_cv, "pool": rows_pool, "seconds": {"cv": seconds_cv, "pool": seconds_pool}}
+    (out / "protocols.json").write_text(json.dumps(record, indent=1))
     checks = [classifier_check(args, rows_cv, budget.strip(), out) for budget in args.classifier_check.split(",")
               if budget.strip()]
     for check in checks:
         print(f"classifier at {check['budget']}: report {check['method']} {check['epochs']} epochs "
               f"{100 * check['mean']:.1f}%, ssl-finetune {100 * check['ssl_finetune']:.1f}% "
               f"({100 * (check['ssl_finetune'] - check['mean']):+.1f} points)")
-    (out / "protocols.json").write_text(json.dumps({"cv": rows_cv, "pool": rows_pool, "checks": checks,
-                                                    "seconds": {"cv": seconds_cv, "pool": seconds_pool}}, indent=1))
+    (out / "protocols.json").write_text(json.dumps({**record, "checks": checks}, indent=1))
 
 
 if __name__ == "__main__":

@@ -114,7 +114,15 @@ def recipe_from_data(args: argparse.Namespace, overrides: list[str]) -> tuple[Op
     user = {".".join(parts): value for parts, value in map(parse_override, overrides)}
     # every rank of a torchrun job must choose alike: no rank times anything (fp32 unless cached)
     probe = cpu_preset_probe() if not launched_distributed() else (None, "")
-    machine = survey_machine(str(user.get("train.device") or "auto"), *probe)
+    # the survey's precision answer is told in the recipe's reasons; the run logs its own once it
+    # holds its folder (a run refused at the lock prints its one-line error and nothing else)
+    hardware_log = logging.getLogger("ssl_pretrain.engine.hardware")
+    level = hardware_log.level
+    hardware_log.setLevel(logging.WARNING)
+    try:
+        machine = survey_machine(str(user.get("train.device") or "auto"), *probe)
+    finally:
+        hardware_log.setLevel(level)
     init = survey_init(str(user["model.init"])) if user.get("model.init") else None
     data = None
     if user.get("data.source"):
