@@ -290,3 +290,20 @@ def test_without_validation_the_whole_budget_runs(backbone_run, tmp_path):
     training = result.info.training
     assert training["n_val"] == 0 and result.info.validation is None and training["validation"]["protocol"] == "none"
     assert training["epochs"] == 7 and training["labels_used"] == training["n_train"] == 1347
+
+
+def test_auto_mode_chooses_by_cross_validation_inside_the_labels(backbone_run, tmp_path):
+    train = write_digits_folder(tmp_path / "train", 12, classes=[0, 1, 7])
+    settings = FinetuneSettings(device="cpu", progress=False, epochs=3, hflip=False)
+    result = train_classifier(backbone_run, str(train), tmp_path / "auto", settings=settings)
+    training = result.info.training
+    assert set(training["modes"]) == {"linear", "finetune"} and result.info.mode in ("linear", "finetune")
+    scores = {mode: entry["validation_balanced_accuracy"] for mode, entry in training["modes"].items()}
+    assert result.info.mode == max(scores, key=lambda mode: (scores[mode], mode == "linear"))
+    assert training["validation"]["protocol"] == "cv" and training["labels_used"] == training["n_train"] == 36
+    assert 1 <= training["epochs"] <= 3 and result.info.validation is None
+    # the older protocol: the held-out labels train nothing and are counted in the labels used
+    pool = train_classifier(backbone_run, str(train), tmp_path / "pool", settings=FinetuneSettings(
+        device="cpu", progress=False, epochs=3, mode="linear", validation="pool"))
+    assert pool.info.training["labels_used"] == pool.info.training["n_train"] + pool.info.training["n_val"] == 36
+    assert pool.info.training["n_val"] > 0 and pool.info.validation is not None
