@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="labels per run: fractions of each class (0.01 = 1%%) or Npc for N per class "
                           "(5pc); every method runs at every budget, giving a label-efficiency curve")
     protocol.add_argument("--label-selection", choices=LABEL_SELECTIONS, default=DEFAULTS.label_selection,
-                          help="how each budget's labelled images are chosen: random = class-balanced sample; "
+                          help="how each budget's labelled images are chosen: random = class-balanced sample (reads the "
+                          "labels: the papers' protocol); uniform = a uniform pick of the pool (what a user "
+                          "without labels can do: compare a selection with this); "
                           "typiclust, kcenter, kmeans = picked from the pretrained embeddings without labels "
                           "(fraction x pool or N x classes images, as a user choosing what to label would), "
                           "seeded by the seed; baselines use the same images")

@@ -37,7 +37,7 @@ from linear_probe.linear import evaluate_linear_augmented, evaluate_linear_folds
 from linear_probe.logreg import evaluate_logreg_folds
 from linear_probe.report import format_table, make_row, summarise, write_report
 from linear_probe.scoring import ProbeResult
-from linear_probe.splits import LabelBudget, sample_label_subset, select_label_subset
+from linear_probe.splits import LabelBudget, sample_label_subset, select_label_subset, uniform_label_subset
 from ssl_pretrain.checkpoint import BackboneInfo
 from ssl_pretrain.data import SubsetSource
 from ssl_pretrain.engine.allocator import keep_freed_memory
@@ -213,11 +213,17 @@ def check_finetune_budgets(settings: EvaluationSettings, pool_size: int) -> None
 
 def draw_labelled(context: _Context, budget: LabelBudget, seed: int) -> SubsetSource:
     """The labelled subset of one (budget, seed), shared by every method and kind of features:
-    class-balanced at random, or picked by ``settings.label_selection`` from the pool's ssl
-    embeddings without reading a label."""
+    class-balanced at random, a uniform pick of the pool, or picked by ``settings.label_selection``
+    from the pool's ssl embeddings (the last two without reading a label)."""
     pool, strategy = context.data.pool, context.settings.label_selection
     if strategy == "random":
         return pool.subset(sample_label_subset(pool.labels, budget, seed))
+    if strategy == "uniform":
+        chosen = pool.subset(uniform_label_subset(len(pool), budget, len(context.data.classes), seed))
+        missing = len(context.data.classes) - len(np.unique(chosen.labels))
+        log.info("uniform pick of %d images for %s labels, seed %d: %d class(es) without a label", len(chosen),
+                 budget.label, seed, missing)
+        return chosen
     embeddings = context.features("ssl", "pool", pool)  # unreadable images have no row
     rows = select_label_subset(embeddings.features, budget, len(context.data.classes), strategy, seed)
     position_in_pool = {int(index): position for position, index in enumerate(pool.indices)}

@@ -199,8 +199,8 @@ def build_feature_extractors(backbone: nn.Module, info: BackboneInfo, settings: 
     transform = build_eval_transform(info.input_size, info.mean, info.std)
     feature_methods = [method for method in settings.methods if method != "finetune"]
     extractors = {}
-    if feature_methods or settings.plots or settings.leak_check or settings.label_selection != "random":
-        # the leak check and label selection read ssl embeddings
+    if feature_methods or settings.plots or settings.leak_check or settings.label_selection not in ("random", "uniform"):
+        # the leak check and selection from the embeddings read ssl embeddings
         extractors["ssl"] = (backbone, transform)
     wanted = {kind for method in feature_methods for kind in BASELINES[method]} if settings.baselines else set()
     if "random_init" in wanted:

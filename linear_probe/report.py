@@ -277,7 +277,8 @@ def _chosen_epochs(row: dict) -> int | None:
 def best_classifier(rows: list[dict], budget: str | None = None) -> dict | None:
     """The report's best ``linear`` / ``finetune`` configuration on the pretrained features, at
     ``budget`` or else the largest budget where one ran: ``{method, budget, epochs, mean, seeds}``
-    with ``epochs`` the median of its seeds' chosen epochs (None without such a row)."""
+    with ``epochs`` the median of its seeds' chosen epochs, ``seed_epochs`` each seed's (None
+    without such a row)."""
     candidates = [row for row in rows if row["features"] == "ssl" and row["method"] in CLASSIFIER_MODES
                   and _chosen_epochs(row) is not None and (budget is None or row["label_budget"] == budget)]
     summary = summarise(candidates)
@@ -287,9 +288,10 @@ def best_classifier(rows: list[dict], budget: str | None = None) -> dict | None:
     method, label, _ = max((key for key, stats in summary.items() if stats["n_train"] == largest),
                            key=lambda key: summary[key]["mean"])
     group = [row for row in candidates if (row["method"], row["label_budget"]) == (method, label)]
-    epochs = sorted(_chosen_epochs(row) for row in group)[(len(group) - 1) // 2]
+    seed_epochs = [int(_chosen_epochs(row)) for row in sorted(group, key=lambda row: row["seed"])]
+    epochs = sorted(seed_epochs)[(len(group) - 1) // 2]
     return {"method": method, "budget": label, "epochs": int(epochs), "mean": summary[(method, label, "ssl")]["mean"],
-            "seeds": len(group)}
+            "seeds": len(group), "seed_epochs": seed_epochs}
 
 
 def classifier_arguments(best: dict, settings: dict) -> list[str]:
@@ -322,7 +324,10 @@ def classifier_command(rows: list[dict], meta: dict) -> str | None:
     return (f"The best classifier `ssl-finetune` can make, as measured here: {best['method']} on the pretrained "
             f"features at {best['budget']} labels ({100 * best['mean']:.1f}% top-1). To train it on all your "
             f"labelled images:\n\n    {command}\n\n(`--validation none`: the settings above were chosen here; "
-            "leave out --mode and --epochs and ssl-finetune chooses them itself by cross-validation inside your labels.)")
+            "leave out --mode and --epochs and ssl-finetune chooses them itself by cross-validation inside your labels.)"
+            + (f" Each seed's labelled images chose their own epochs ({', '.join(map(str, best['seed_epochs']))}); "
+               "the command takes the median, so its score can differ from the row by as much as those choices do."
+               if len(set(best.get("seed_epochs", []))) > 1 else ""))
 
 
 def write_report(out_dir: str | Path, rows: list[dict], meta: dict) -> list[Path]:

@@ -95,10 +95,14 @@ def sample_label_subset(labels: np.ndarray, budget: LabelBudget, seed: int) -> n
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
-LABEL_SELECTIONS = ("random", "typiclust", "kcenter", "kmeans")
-"""How a label budget's images are chosen: ``random`` is ``sample_label_subset`` (class-balanced,
-reads the labels); the others are ``ssl_curate.selection`` strategies on the pretrained embeddings,
-which never read a label (what a user without labels can do)."""
+LABEL_SELECTIONS = ("random", "uniform", "typiclust", "kcenter", "kmeans")
+"""How a label budget's images are chosen: ``random`` is ``sample_label_subset`` (class-balanced:
+it reads the labels, so it is the protocol of the papers, not a choice a user has); ``uniform`` is a
+seeded uniform pick of the same number of images from the whole pool (``uniform_label_subset``:
+what a user without labels can do, the baseline a selection strategy is compared with); the others
+are ``ssl_curate.selection`` strategies on the pretrained embeddings, which never read a label."""
+UNLABELLED_SELECTIONS = ("uniform", "typiclust", "kcenter", "kmeans")
+"""The selections that never read a label: they pick ``label_count`` images of the pool."""
 
 
 def label_count(budget: LabelBudget, pool_size: int, num_classes: int) -> int:
@@ -107,6 +111,13 @@ def label_count(budget: LabelBudget, pool_size: int, num_classes: int) -> int:
     if budget.per_class is not None:
         return min(pool_size, budget.per_class * num_classes)
     return min(pool_size, max(1, int(round(budget.fraction * pool_size))))
+
+
+def uniform_label_subset(pool_size: int, budget: LabelBudget, num_classes: int, seed: int) -> np.ndarray:
+    """Sorted positions of ``label_count`` images drawn uniformly without replacement from a pool of
+    ``pool_size``, seeded; no label is read, so a class may get none (as it may for a user)."""
+    count = label_count(budget, pool_size, num_classes)
+    return np.sort(np.random.default_rng(seed).choice(pool_size, size=count, replace=False))
 
 
 def select_label_subset(features: np.ndarray, budget: LabelBudget, num_classes: int, strategy: str,

@@ -11,9 +11,10 @@ whole labelled pool, outside the budget), the pool run reusing the cv run's cach
 that the two times compare the methods alone. Printed: a table of mean test top-1 for every
 (method, budget, features) under both protocols and the difference (pool - cv: the inflation),
 then the seconds of each protocol's rows and their ratio. With ``--classifier-check``, for each of
-those budgets the report's best ``linear`` / ``finetune`` configuration is trained with
-``ssl-finetune`` (``--validation none``, the report's settings) for every seed on the same label
-subsets, and its mean test top-1 is set beside the report's row.
+those budgets ``ssl-finetune`` trains on every seed's labelled images (the report's): with the
+report's best ``linear`` / ``finetune`` configuration and that seed's own epochs, with the one
+command results.md prints (the seeds' median epochs), and with its own defaults (``--mode auto``,
+cross-validation inside the labels); each mean test top-1 is set beside the report's row.
 """
 
 from __future__ import annotations
@@ -44,28 +45,57 @@ def run_protocol(args, protocol: str, out: Path) -> tuple[list[dict], float]:
     return result.rows, time.perf_counter() - start
 
 
+def _seed_epochs(rows: list[dict], best: dict, seed: int) -> int:
+    """The epochs the report chose for ``seed``'s labelled images (its row of the best method)."""
+    row = next(row for row in rows if row["features"] == "ssl" and row["method"] == best["method"]
+               and row["label_budget"] == best["budget"] and row["seed"] == seed)
+    chosen = row.get("chosen") or {}
+    return int(chosen.get("epochs", chosen.get("best_epoch")))
+
+
 def classifier_check(args, rows: list[dict], budget: str, out: Path) -> dict:
-    """ssl-finetune with the report's configuration at ``budget``, every seed; mean test top-1."""
+    """``ssl-finetune`` at ``budget`` on every seed's labelled images (the report's), three ways:
+
+    - ``own``: the report's configuration with the epochs chosen for that seed's images (the
+      command results.md gives a user whose labelled set is that seed's);
+    - ``median``: the one command results.md prints for this run (the seeds' median epochs);
+    - ``default``: ``ssl-finetune``'s defaults (``--mode auto``, chosen by cross-validation inside
+      the labels), what a user who never ran the report gets.
+    Mean test top-1 of each beside the report's row.
+    """
     from ssl_classifier.train import FinetuneSettings, train_classifier
 
     label_budget = parse_label_budgets(budget)[0]
     best = best_classifier(rows, label_budget.label)
     per_class = label_budget.per_class
-    scores = []
+    scores: dict[str, list[float]] = {"own": [], "median": [], "default": []}
+    epochs_seen = []
     for seed in range(args.seeds):
-        finetune = dict(mode=best["method"], epochs=best["epochs"], validation="none", seed=seed, device="cpu",
-                        progress=False, overwrite=True, labels_per_class=per_class)
+        common = dict(seed=seed, device="cpu", progress=False, overwrite=True, labels_per_class=per_class)
+        report_like = dict(mode=best["method"], validation="none", **common)
         if best["method"] == "linear":
-            finetune.update(lr=0.1, batch_size=256)
+            report_like.update(lr=0.1, batch_size=256)
         else:
-            finetune.update(head_init="random", backbone_lr_scale=1.0, lr=0.05, batch_size=64)
-        trained = train_classifier(args.checkpoint, args.train, out / f"classifier-{budget}-{seed}", test=args.test,
-                                   settings=FinetuneSettings(**finetune))
-        scores.append(trained.info.test["top1"])
-    return {**best, "ssl_finetune": float(np.mean(scores)), "ssl_finetune_seeds": scores}
+            report_like.update(head_init="random", backbone_lr_scale=1.0, lr=0.05, batch_size=64)
+        own = _seed_epochs(rows, best, seed)
+        epochs_seen.append(own)
+        runs = {"own": dict(report_like, epochs=own), "median": dict(report_like, epochs=best["epochs"]),
+                "default": dict(common)}
+        for name, finetune in runs.items():
+            if name == "median" and own == best["epochs"]:
+                scores[name].append(scores["own"][-1])  # the same command
+                continue
+            trained = train_classifier(args.checkpoint, args.train, out / f"classifier-{budget}-{seed}-{name}",
+                                       test=args.test, settings=FinetuneSettings(**finetune))
+            scores[name].append(trained.info.test["top1"])
+            if name == "default":
+                best.setdefault("default_modes", []).append(trained.info.mode)
+    return {**best, "seed_epochs": epochs_seen, **{f"ssl_finetune_{name}": float(np.mean(values))
+                                                   for name, values in scores.items()},
+            "ssl_finetune_seeds": scores}
 
 
-def main() -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--train", required=True)
@@ -75,7 +105,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--methods", default="knn,logreg,linear,finetune")
     parser.add_argument("--classifier-check", default="", help="budgets to train ssl-finetune at, e.g. 10pc,100pc")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = Path(args.out)
     print(benchmarking.header("bench_protocols.py", None))
     rows_cv, seconds_cv = run_protocol(args, "cv", out / "cv")
@@ -97,12 +127,19 @@ def main() -> None:
     (out / "protocols.json").write_text(json.dumps(record, indent=1))
     checks = [classifier_check(args, rows_cv, budget.strip(), out) for budget in args.classifier_check.split(",")
               if budget.strip()]
+    if checks:
+        print("\n| labels | report's best row | report top-1 | ssl-finetune, each seed's own epochs | "
+              "the printed command (median epochs) | ssl-finetune defaults (auto, cv) |")
+        print("|---|---|---:|---:|---:|---:|")
     for check in checks:
-        print(f"classifier at {check['budget']}: report {check['method']} {check['epochs']} epochs "
-              f"{100 * check['mean']:.1f}%, ssl-finetune {100 * check['ssl_finetune']:.1f}% "
-              f"({100 * (check['ssl_finetune'] - check['mean']):+.1f} points)")
+        cells = [f"{100 * check[f'ssl_finetune_{name}']:.1f} ({100 * (check[f'ssl_finetune_{name}'] - check['mean']):+.1f})"
+                 for name in ("own", "median", "default")]
+        print(f"| {check['budget']} | {check['method']}, epochs {check['seed_epochs']} (median {check['epochs']}) "
+              f"| {100 * check['mean']:.1f} | {' | '.join(cells)} |  modes chosen by default: "
+              f"{','.join(check.get('default_modes', []))}")
     (out / "protocols.json").write_text(json.dumps({**record, "checks": checks}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

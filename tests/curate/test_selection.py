@@ -13,6 +13,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from linear_probe.cli import main as probe_main
+from linear_probe.splits import LabelBudget, sample_label_subset, uniform_label_subset
 from ssl_curate.select_cli import main as select_main
 from ssl_curate.selection import STRATEGIES, SelectionError, kcenter_greedy, select, select_indices, typicality
 
@@ -186,6 +187,32 @@ def test_linear_probe_with_typiclust_label_selection(random_checkpoint, digits_f
     for budget, expected in (("2/class", 20), ("10%", round(0.1 * pool))):
         # Every method and kind of features learns from the same number of selected images.
         assert {row["n_train"] for row in rows if row["label_budget"] == budget} == {expected}
+
+
+def test_uniform_selection_reads_no_label_and_follows_the_pool():
+    # 900 images of class 0, 100 of class 1: 50 per class buys 100 images; a uniform pick takes
+    # them in the pool's proportions (about 90 / 10), the class-balanced sample 50 / 50.
+    labels = np.repeat([0, 1], [900, 100])
+    budget = LabelBudget(per_class=50)
+    picks = [uniform_label_subset(len(labels), budget, 2, seed) for seed in range(200)]
+    assert all(len(pick) == 100 and len(np.unique(pick)) == 100 and np.all(np.diff(pick) > 0) for pick in picks)
+    assert np.array_equal(picks[0], uniform_label_subset(len(labels), budget, 2, 0))  # seeded
+    assert not np.array_equal(picks[0], picks[1])
+    minority = np.mean([np.sum(labels[pick] == 1) for pick in picks])
+    assert abs(minority - 10) < 1.0  # hypergeometric mean 10, standard error of the mean about 0.2
+    assert np.sum(labels[sample_label_subset(labels, budget, 0)] == 1) == 50
+    assert len(uniform_label_subset(30, LabelBudget(fraction=0.1), 2, 0)) == 3
+
+
+def test_linear_probe_with_a_uniform_pick(random_checkpoint, digits_folders, tmp_path):
+    train, test = digits_folders
+    out = tmp_path / "eval"
+    argv = ["--checkpoint", str(random_checkpoint), "--train", str(train), "--test", str(test), "--out", str(out),
+            "--methods", "knn,logreg", "--label-fractions", "3pc", "--seeds", "2", "--label-selection", "uniform",
+            "--no-plots", "--no-baselines"] + FAST
+    assert probe_main(argv) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert rows and {row["n_train"] for row in rows} == {30} and {row["label_selection"] for row in rows} == {"uniform"}
 
 
 def test_fine_tuning_alone_on_a_selected_subset(random_checkpoint, digits_folders, tmp_path):

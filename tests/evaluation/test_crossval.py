@@ -107,3 +107,20 @@ def test_no_test_or_out_of_budget_image_reaches_a_choice(random_checkpoint, digi
     report = (out / "results.md").read_text()
     assert "inside each label budget" in report and "ssl-finetune --checkpoint" in report
     assert "--validation none" in report
+
+
+def test_the_classifier_command_takes_the_median_of_the_seeds_epochs_and_says_so():
+    from linear_probe.report import best_classifier, classifier_command
+
+    def row(method, seed, top1, epochs):
+        return {"method": method, "features": "ssl", "label_budget": "10/class", "seed": seed, "top1": top1,
+                "n_train": 100, "chosen": {"epochs": epochs}}
+
+    rows = [row("linear", 0, 0.70, 9), row("linear", 1, 0.66, 4), row("linear", 2, 0.67, 5),
+            row("finetune", 0, 0.60, 30), row("finetune", 1, 0.61, 30), row("finetune", 2, 0.62, 30)]
+    best = best_classifier(rows)
+    assert (best["method"], best["epochs"], best["seed_epochs"]) == ("linear", 5, [9, 4, 5])
+    text = classifier_command(rows, {"data": {"train": "DATA"}, "checkpoint": {"path": "RUN"}, "settings": {}})
+    assert "--mode linear --epochs 5" in text and "(9, 4, 5)" in text and "median" in text
+    same = [row("linear", seed, 0.7, 6) for seed in range(3)]
+    assert "median" not in classifier_command(same, {"data": {"train": "DATA"}, "settings": {}})

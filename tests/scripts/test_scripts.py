@@ -126,7 +126,7 @@ def test_pixels_benchmark_script_has_a_row_per_size(tmp_path, capsys):
 def test_methods_benchmark_script_runs_each_method_and_compares_to_the_first(tmp_path, digits_folder, capsys):
     out = tmp_path / "methods"
     assert _load("bench_methods").main(["--train", str(digits_folder), "--test", str(digits_folder),
-                                        "--methods", "simclr,byol", "--budget", "0.05", "--out", str(out),
+                                        "--methods", "simclr,byol", "--budget", "0.1", "--out", str(out),
                                         "--set", "train.batch_size=32", "--set", "augment.input_size=16"]) == 0
     rows = json.loads((out / "results.json").read_text())
     assert list(rows) == ["simclr", "byol"] and all(0 < row["knn_test"] <= 1 for row in rows.values())
@@ -141,7 +141,7 @@ def test_methods_benchmark_script_runs_each_method_and_compares_to_the_first(tmp
 def test_bench_methods_runs_two_methods_at_a_time_each_on_one_core(digits_folder, tmp_path, capsys):
     out = tmp_path / "lanes"
     assert _load("bench_methods").main(["--train", str(digits_folder), "--test", str(digits_folder), "--lanes", "2",
-                                        "--methods", "simclr,moco", "--budget", "0.05", "--out", str(out),
+                                        "--methods", "simclr,moco", "--budget", "0.1", "--out", str(out),
                                         "--set", "train.batch_size=32", "--set", "augment.input_size=16"]) == 0
     rows = json.loads((out / "results.json").read_text())
     assert list(rows) == ["simclr", "moco"] and all(0 < row["knn_test"] <= 1 for row in rows.values())
@@ -204,3 +204,25 @@ def test_mnist5k_to_folder_writes_a_stratified_split(tmp_path, capsys):
     np.savetxt(narrow, np.column_stack([pixels[:, :100], labels]), fmt="%d", delimiter=",")
     with pytest.raises(SystemExit, match="expected rows of 784 pixels and a label"):
         module.main(["--out", str(tmp_path / "y"), "--csv", str(narrow)])
+
+
+@pytest.mark.slow
+def test_protocols_benchmark_compares_cv_with_pool_and_checks_the_classifier(random_checkpoint, digits_folders,
+                                                                           tmp_path, capsys):
+    train, test = digits_folders
+    out = tmp_path / "protocols"
+    assert _load("bench_protocols").main(["--checkpoint", str(random_checkpoint), "--train", str(train),
+                                          "--test", str(test), "--out", str(out), "--budgets", "5pc", "--seeds", "2",
+                                          "--methods", "knn,linear", "--classifier-check", "5pc"]) == 0
+    record = json.loads((out / "protocols.json").read_text())
+    assert {row["validation"]["protocol"] for row in record["cv"]} == {"cv"}
+    assert {row["validation"]["protocol"] for row in record["pool"]} == {"pool"}
+    check, = record["checks"]
+    assert check["method"] == "linear" and len(check["seed_epochs"]) == 2
+    own = check["ssl_finetune_seeds"]["own"]
+    reported = [row["top1"] for row in sorted(record["cv"], key=lambda row: row["seed"])
+                if row["method"] == "linear" and row["features"] == "ssl"]
+    # ssl-finetune with a seed's own chosen settings trains the report's linear head again
+    assert own == pytest.approx(reported, abs=0.011)
+    table = capsys.readouterr().out
+    assert "| inflation, points |" in table and "ssl-finetune defaults (auto, cv)" in table
