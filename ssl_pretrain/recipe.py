@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -328,14 +329,24 @@ def advise(recipe: DataRecipe, cfg, images_per_second: Optional[Callable[[Any, M
             f"so few; start from one with --init (torchvision:resnet18, or a saved ImageNet .pth) - the recipe then "
             f"fits its network, stem and learning rate")
     if cfg.train.time_budget_minutes and timed:
-        rate = (images_per_second or measure_images_per_second)(cfg, recipe.machine)
+        measure = images_per_second or measure_images_per_second
+        rate = measure(cfg, recipe.machine)
         epochs = min(rate * 60 * cfg.train.time_budget_minutes / max(images, 1), cfg.train.epochs)
         if epochs < FEW_EPOCHS and epochs < cfg.train.epochs:
+            # A second forecast before warning: a job sharing the cores can slow a few small timed
+            # steps many times over (threads of two processes spinning on the same cores).
+            rate = max(rate, measure(cfg, recipe.machine))
+            epochs = min(rate * 60 * cfg.train.time_budget_minutes / max(images, 1), cfg.train.epochs)
+        if epochs < FEW_EPOCHS and epochs < cfg.train.epochs:
             needed = 2 * FEW_EPOCHS * images / max(rate, 1e-9) / 60
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+            busy = (f"; measured while the machine was busy (load average {load:.1f} on {recipe.machine.cores} cores), "
+                    f"so it may be too low: the run measures again after its first steps"
+                    if load > recipe.machine.cores / 2 else "")
             advice.append(
                 f"the {cfg.train.time_budget_minutes:g}-minute budget gives about {epochs:.1f} epochs of {images:,} "
                 f"images (an estimated {rate:.0f} images/s for {cfg.model.backbone} at {size} px, before "
-                f"decoding): too few to learn much; raise --time-budget to about {math.ceil(needed)} for "
+                f"decoding{busy}): too few to learn much; raise --time-budget to about {math.ceil(needed)} for "
                 f"{2 * FEW_EPOCHS:.0f} epochs, or train a smaller network (--set model.backbone=smallconv-xs) "
                 f"or size (--set augment.input_size={max(16, size // 2)})")
     return advice

@@ -216,6 +216,21 @@ def test_advice_fires_where_the_data_asks(caplog):
     assert any("model.backbone = smallconv-xs: a CPU" in record.message for record in caplog.records)
 
 
+def test_a_slow_forecast_is_measured_again_before_warning(monkeypatch):
+    # One slow forecast (a job sharing the cores) and then a fast one: no advice to train longer.
+    large = DataSurvey("photos", 100_000, 300, 0, (90, 96, 100), 96, None, False, {"JPEG": 300}, False)
+    recipe = choose_recipe(large, CPU, None, {})
+    cfg = load_config(None, ["data.source=photos"], recipe.settings())
+    rates = iter([4.0, 5_000.0])
+    assert not [line for line in advise(recipe, cfg, images_per_second=lambda cfg, machine: next(rates))
+                if "budget gives" in line]
+    # Slow twice on a busy machine: the warning says the forecast may be low, and why.
+    monkeypatch.setattr("os.getloadavg", lambda: (7.5, 7.0, 6.0))
+    advice = advise(recipe, cfg, images_per_second=lambda cfg, machine: 4.0)
+    few_epochs = next(line for line in advice if "budget gives" in line)
+    assert "measured while the machine was busy (load average 7.5 on 2 cores)" in few_epochs
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda folder: None, "no image files under"),
     (lambda folder: [(folder / f"{i}.jpg").write_bytes(b"not a jpeg") for i in range(3)],
