@@ -79,6 +79,7 @@ def feature_batches(features: np.ndarray, labels: np.ndarray, batch_size: int, s
 @torch.no_grad()
 def _head_scores(head: nn.Module, features: np.ndarray, device) -> np.ndarray:
     head.eval()
+    features = np.require(features, requirements="W")  # cached embeddings are read-only memory maps
     return head(torch.as_tensor(features).to(device)).softmax(dim=1).cpu().numpy()
 
 
