@@ -39,7 +39,7 @@ def run_protocol(args, protocol: str, out: Path) -> tuple[list[dict], float]:
     settings = EvaluationSettings(label_budgets=parse_label_budgets(args.budgets), seeds=args.seeds,
                                   methods=tuple(args.methods.split(",")),
                                   validation=protocol, plots=False, progress=False, leak_check=False,
-                                  finetune_max_fraction=1.0, device="cpu")
+                                  finetune_max_fraction=args.finetune_max_fraction, device="cpu")
     start = time.perf_counter()
     result = evaluate(args.checkpoint, args.train, out, test=args.test, settings=settings)
     return result.rows, time.perf_counter() - start
@@ -104,6 +104,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budgets", default="1pc,10pc,100pc")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--methods", default="knn,logreg,linear,finetune")
+    parser.add_argument("--finetune-max-fraction", type=float, default=EvaluationSettings.finetune_max_fraction,
+                        help="fine-tune at budgets up to this share of the pool (linear-probe's default)")
     parser.add_argument("--classifier-check", default="", help="budgets to train ssl-finetune at, e.g. 10pc,100pc")
     args = parser.parse_args(argv)
     out = Path(args.out)
