@@ -19,7 +19,7 @@ from linear_probe.crossval import DEFAULT_FOLDS, PROTOCOLS, TRAINING_FOLDS
 from linear_probe.embeddings import Embeddings, cached_embeddings, extract_embeddings
 from linear_probe.errors import EvaluationError
 from linear_probe.knn import INDEXES
-from linear_probe.splits import LABEL_SELECTIONS, LabelBudget, parse_label_budgets, stratified_split
+from linear_probe.splits import EMBEDDING_SELECTIONS, LABEL_SELECTIONS, LabelBudget, parse_label_budgets, stratified_split
 from ssl_pretrain.augment.transforms import build_eval_transform
 from ssl_pretrain.checkpoint import BackboneInfo
 from ssl_pretrain.data import SubsetSource, open_source
@@ -199,7 +199,7 @@ def build_feature_extractors(backbone: nn.Module, info: BackboneInfo, settings: 
     transform = build_eval_transform(info.input_size, info.mean, info.std)
     feature_methods = [method for method in settings.methods if method != "finetune"]
     extractors = {}
-    if feature_methods or settings.plots or settings.leak_check or settings.label_selection not in ("random", "uniform"):
+    if feature_methods or settings.plots or settings.leak_check or settings.label_selection in EMBEDDING_SELECTIONS:
         # the leak check and selection from the embeddings read ssl embeddings
         extractors["ssl"] = (backbone, transform)
     wanted = {kind for method in feature_methods for kind in BASELINES[method]} if settings.baselines else set()

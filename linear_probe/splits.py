@@ -101,8 +101,8 @@ it reads the labels, so it is the protocol of the papers, not a choice a user ha
 seeded uniform pick of the same number of images from the whole pool (``uniform_label_subset``:
 what a user without labels can do, the baseline a selection strategy is compared with); the others
 are ``ssl_curate.selection`` strategies on the pretrained embeddings, which never read a label."""
-UNLABELLED_SELECTIONS = ("uniform", "typiclust", "kcenter", "kmeans")
-"""The selections that never read a label: they pick ``label_count`` images of the pool."""
+EMBEDDING_SELECTIONS = ("typiclust", "kcenter", "kmeans")
+"""The selections that read the pool's ssl embeddings (``select_label_subset``)."""
 
 
 def label_count(budget: LabelBudget, pool_size: int, num_classes: int) -> int:

@@ -23,76 +23,68 @@ import argparse
 import json
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from linear_probe.evaluate import evaluate
 from linear_probe.inputs import EvaluationSettings
-from linear_probe.report import best_classifier, summarise
+from linear_probe.report import best_classifier, classifier_arguments, summarise
 from linear_probe.splits import parse_label_budgets
 
 import benchmarking
 
 
+def protocol_settings(args, protocol: str) -> EvaluationSettings:
+    return EvaluationSettings(label_budgets=parse_label_budgets(args.budgets), seeds=args.seeds,
+                              methods=tuple(args.methods.split(",")), validation=protocol, plots=False,
+                              progress=False, leak_check=False, finetune_max_fraction=args.finetune_max_fraction,
+                              device="cpu")
+
+
 def run_protocol(args, protocol: str, out: Path) -> tuple[list[dict], float]:
-    settings = EvaluationSettings(label_budgets=parse_label_budgets(args.budgets), seeds=args.seeds,
-                                  methods=tuple(args.methods.split(",")),
-                                  validation=protocol, plots=False, progress=False, leak_check=False,
-                                  finetune_max_fraction=args.finetune_max_fraction, device="cpu")
+    settings = protocol_settings(args, protocol)
     start = time.perf_counter()
     result = evaluate(args.checkpoint, args.train, out, test=args.test, settings=settings)
     return result.rows, time.perf_counter() - start
 
 
-def _seed_epochs(rows: list[dict], best: dict, seed: int) -> int:
-    """The epochs the report chose for ``seed``'s labelled images (its row of the best method)."""
-    row = next(row for row in rows if row["features"] == "ssl" and row["method"] == best["method"]
-               and row["label_budget"] == best["budget"] and row["seed"] == seed)
-    chosen = row.get("chosen") or {}
-    return int(chosen.get("epochs", chosen.get("best_epoch")))
-
-
-def classifier_check(args, rows: list[dict], budget: str, out: Path) -> dict:
+def classifier_check(args, settings: EvaluationSettings, rows: list[dict], budget: str, out: Path) -> dict:
     """``ssl-finetune`` at ``budget`` on every seed's labelled images (the report's), three ways:
 
-    - ``own``: the report's configuration with the epochs chosen for that seed's images (the
-      command results.md gives a user whose labelled set is that seed's);
+    - ``own``: the report's flags (``classifier_arguments``) with the epochs chosen for that seed's
+      images (the command results.md gives a user whose labelled set is that seed's);
     - ``median``: the one command results.md prints for this run (the seeds' median epochs);
     - ``default``: ``ssl-finetune``'s defaults (``--mode auto``, chosen by cross-validation inside
       the labels), what a user who never ran the report gets.
     Mean test top-1 of each beside the report's row.
     """
-    from ssl_classifier.train import FinetuneSettings, train_classifier
+    from ssl_classifier.cli import finetune_main
 
     label_budget = parse_label_budgets(budget)[0]
     best = best_classifier(rows, label_budget.label)
-    per_class = label_budget.per_class
     scores: dict[str, list[float]] = {"own": [], "median": [], "default": []}
-    epochs_seen = []
-    for seed in range(args.seeds):
-        common = dict(seed=seed, device="cpu", progress=False, overwrite=True, labels_per_class=per_class)
-        report_like = dict(mode=best["method"], validation="none", **common)
-        if best["method"] == "linear":
-            report_like.update(lr=0.1, batch_size=256)
-        else:
-            report_like.update(head_init="random", backbone_lr_scale=1.0, lr=0.05, batch_size=64)
-        own = _seed_epochs(rows, best, seed)
-        epochs_seen.append(own)
-        runs = {"own": dict(report_like, epochs=own), "median": dict(report_like, epochs=best["epochs"]),
-                "default": dict(common)}
-        for name, finetune in runs.items():
+    modes = []
+    for seed, own in enumerate(best["seed_epochs"]):
+        common = ["--checkpoint", str(args.checkpoint), "--train", args.train, "--test", args.test,
+                  "--labels-per-class", str(label_budget.per_class), "--seed", str(seed), "--device", "cpu",
+                  "--overwrite", "--quiet"]
+        runs = {"own": classifier_arguments({**best, "epochs": own}, asdict(settings)),
+                "median": classifier_arguments(best, asdict(settings)), "default": []}
+        for name, flags in runs.items():
             if name == "median" and own == best["epochs"]:
                 scores[name].append(scores["own"][-1])  # the same command
                 continue
-            trained = train_classifier(args.checkpoint, args.train, out / f"classifier-{budget}-{seed}-{name}",
-                                       test=args.test, settings=FinetuneSettings(**finetune))
-            scores[name].append(trained.info.test["top1"])
+            model_dir = out / f"classifier-{budget}-{seed}-{name}"
+            if finetune_main(common + flags + ["--out", str(model_dir)]) != 0:
+                raise SystemExit(f"ssl-finetune failed for {budget}, seed {seed} ({name})")
+            info = json.loads((model_dir / "classifier.json").read_text())
+            scores[name].append(info["test"]["top1"])
             if name == "default":
-                best.setdefault("default_modes", []).append(trained.info.mode)
-    return {**best, "seed_epochs": epochs_seen, **{f"ssl_finetune_{name}": float(np.mean(values))
-                                                   for name, values in scores.items()},
-            "ssl_finetune_seeds": scores}
+                modes.append(info["mode"])
+    return {**best, "default_modes": modes, "ssl_finetune_seeds": scores,
+            **{f"ssl_finetune_{name}": float(np.mean(values)) for name, values in scores.items()}}
 
 
 def main(argv=None) -> int:
@@ -127,8 +119,8 @@ def main(argv=None) -> int:
           f"wall: cv {seconds_cv:.0f} s (embeddings extracted), pool {seconds_pool:.0f} s (embeddings cached)")
     record = {"cv": rows_cv, "pool": rows_pool, "seconds": {"cv": seconds_cv, "pool": seconds_pool}}
     (out / "protocols.json").write_text(json.dumps(record, indent=1))
-    checks = [classifier_check(args, rows_cv, budget.strip(), out) for budget in args.classifier_check.split(",")
-              if budget.strip()]
+    budgets = [budget.strip() for budget in args.classifier_check.split(",") if budget.strip()]
+    checks = [classifier_check(args, protocol_settings(args, "cv"), rows_cv, budget, out) for budget in budgets]
     if checks:
         print("\n| labels | report's best row | report top-1 | ssl-finetune, each seed's own epochs | "
               "the printed command (median epochs) | ssl-finetune defaults (auto, cv) |")
@@ -138,7 +130,7 @@ def main(argv=None) -> int:
                  for name in ("own", "median", "default")]
         print(f"| {check['budget']} | {check['method']}, epochs {check['seed_epochs']} (median {check['epochs']}) "
               f"| {100 * check['mean']:.1f} | {' | '.join(cells)} |  modes chosen by default: "
-              f"{','.join(check.get('default_modes', []))}")
+              f"{','.join(check['default_modes'])}")
     (out / "protocols.json").write_text(json.dumps({**record, "checks": checks}, indent=1))
     return 0
 

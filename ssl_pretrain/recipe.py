@@ -330,14 +330,15 @@ def advise(recipe: DataRecipe, cfg, images_per_second: Optional[Callable[[Any, M
             f"fits its network, stem and learning rate")
     if cfg.train.time_budget_minutes and timed:
         measure = images_per_second or measure_images_per_second
+        epochs_at = lambda rate: min(rate * 60 * cfg.train.time_budget_minutes / max(images, 1),  # noqa: E731
+                                     cfg.train.epochs)
         rate = measure(cfg, recipe.machine)
-        epochs = min(rate * 60 * cfg.train.time_budget_minutes / max(images, 1), cfg.train.epochs)
-        if epochs < FEW_EPOCHS and epochs < cfg.train.epochs:
+        if epochs_at(rate) < min(FEW_EPOCHS, cfg.train.epochs):
             # A second forecast before warning: a job sharing the cores can slow a few small timed
             # steps many times over (threads of two processes spinning on the same cores).
             rate = max(rate, measure(cfg, recipe.machine))
-            epochs = min(rate * 60 * cfg.train.time_budget_minutes / max(images, 1), cfg.train.epochs)
-        if epochs < FEW_EPOCHS and epochs < cfg.train.epochs:
+        epochs = epochs_at(rate)
+        if epochs < min(FEW_EPOCHS, cfg.train.epochs):
             needed = 2 * FEW_EPOCHS * images / max(rate, 1e-9) / 60
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
             busy = (f"; measured while the machine was busy (load average {load:.1f} on {recipe.machine.cores} cores), "

@@ -206,7 +206,6 @@ def test_mnist5k_to_folder_writes_a_stratified_split(tmp_path, capsys):
         module.main(["--out", str(tmp_path / "y"), "--csv", str(narrow)])
 
 
-@pytest.mark.slow
 def test_protocols_benchmark_compares_cv_with_pool_and_checks_the_classifier(random_checkpoint, digits_folders,
                                                                            tmp_path, capsys):
     train, test = digits_folders
