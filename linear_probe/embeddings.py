@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from linear_probe.embedding_store import Embeddings, load_embeddings, save_embeddings, side_paths
 from linear_probe.errors import EvaluationError
-from ssl_pretrain.data import DecodedSource, UnreadableImage
+from ssl_pretrain.data import DecodedSource, ReducedLoader, UnreadableImage
 from ssl_pretrain.augment.transforms import EvalTransform
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,15 @@ class _TransformedImages(Dataset):
 
     def __init__(self, source, transform):
         self.source, self.transform = source, transform
+        # the transform's size is known: a JPEG decodes at reduced size (both sides stay >= it)
+        self.load = ReducedLoader(source, transform.input_size) if isinstance(transform, EvalTransform) else source.load
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int):
         try:
-            image = self.source.load(index)
+            image = self.load(index)
             # An EvalTransform is split: decode (and resize) here, normalise whole batches later.
             return index, (self.transform.to_uint8(image) if isinstance(self.transform, EvalTransform)
                            else self.transform(image))

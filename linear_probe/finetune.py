@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from linear_probe.crossval import median_epoch
+from linear_probe.crossval import refit_epochs
 from linear_probe.embeddings import extract_embeddings
 from linear_probe.images import (
     PixelSet, augmented_batches, build_train_loader, build_train_transform, load_pixels, pixel_logits,
@@ -97,8 +97,8 @@ def evaluate_finetune(backbone: nn.Module, feature_dim: int, train_images, val_i
         hflip: flip training images at random (off for digits and text).
         folds: ``[(fold train images, fold val images)]``: with ``refit`` (cross-validation inside
             the budget, ``linear_probe.crossval``) each fold trains with early stopping, and a
-            network trained on all ``train_images`` for the median of their best epochs (its
-            cosine schedule over those epochs) is scored; an
+            network trained on all ``train_images`` for their best number of steps
+            (``crossval.refit_epochs``; its cosine schedule over those epochs) is scored; an
             empty list runs the whole budget. None: the ``pool`` protocol, one fold
             ``(train_images, val_images)`` whose best-validation network is scored.
 
@@ -131,7 +131,7 @@ def evaluate_finetune(backbone: nn.Module, feature_dim: int, train_images, val_i
                  100 * history.best_val_top1, history.best_epoch, len(history.val_top1), val_every)
     chosen: dict = {"lr": lr}
     if refit or not folds:
-        stop = median_epoch(best_epochs) if folds else epochs
+        stop = refit_epochs(best_epochs, [len(part) for part, _ in folds], len(train_images)) if folds else epochs
         model, score, history, _ = train(train_images, None, epochs=stop)
         chosen.update(epochs=stop, **({"fold_best_epochs": best_epochs} if folds else {}))
     else:

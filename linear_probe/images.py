@@ -17,7 +17,7 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_pretrain.augment.batch_transforms import BatchNormalize, BatchResizedCropFlip
-from ssl_pretrain.data import UnreadableImage
+from ssl_pretrain.data import ReducedLoader, UnreadableImage
 from ssl_pretrain.augment.transforms import EvalTransform
 
 MIN_CROP_SCALE = 0.5
@@ -112,10 +112,10 @@ def load_pixels(source, transform: EvalTransform, max_bytes: int = IN_MEMORY_BYT
     if len(source) * size * size * 3 > max_bytes or len(source) == 0:
         return None
     pixels = torch.empty(len(source), size, size, 3, dtype=torch.uint8)
-    labels, count = [], 0
+    labels, count, load = [], 0, ReducedLoader(source, size)  # a JPEG decodes at reduced size
     for index in range(len(source)):
         try:
-            pixels[count] = transform.to_uint8(source.load(index))
+            pixels[count] = transform.to_uint8(load(index))
         except UnreadableImage:
             continue
         labels.append(int(source.labels[index]))

@@ -1,8 +1,8 @@
 """Linear probe: a linear layer trained on frozen features, epochs chosen on held-out labels.
 
 With a ``cv`` plan (``evaluate_linear_folds``) each fold of the labelled subset trains a head
-with early stopping; the median of the folds' best epochs is the epoch count a head trained on
-every labelled image then trains for (``linear_probe.crossval``). With the ``pool`` protocol
+with early stopping; a head trained on every labelled image then trains for the folds' best
+number of steps (``linear_probe.crossval.refit_epochs``). With the ``pool`` protocol
 (``evaluate_linear``) the best epoch on a validation split outside the budget is kept.
 
 The default trains on the cached embeddings (fast: no image is decoded again). With augmentation
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from linear_probe.crossval import median_epoch
+from linear_probe.crossval import refit_epochs
 from linear_probe.images import build_train_loader, build_train_transform
 from linear_probe.scoring import ProbeResult, score_test, topk_accuracy
 from linear_probe.training import train_with_early_stopping
@@ -107,16 +107,19 @@ def _train_head(model, head, batches, val, epochs, lr, weight_decay, patience, d
                                      device=device)
 
 
-def _probe_folds(make, folds, final, test, epochs, lr, weight_decay, patience, device, refit: bool) -> ProbeResult:
+def _probe_folds(make, folds, final, test, epochs, lr, weight_decay, patience, device, refit: bool,
+                 size=len) -> ProbeResult:
     """The linear probe's protocol over ``folds``; ``make(part) -> (model, head, batches)``.
 
     Args:
         folds: ``[(training part, (val features, val labels))]``.
         final: the training part of every labelled image (trained on when ``refit`` or without folds).
-        refit: ``cv``: a fresh head on ``final`` trained for the median of the folds' best epochs
-            (its cosine schedule over those epochs: what ``ssl-finetune --epochs N --validation
-            none`` trains, so the report's command reproduces the row); ``pool``: the first
-            fold's best-validation head (its training part is ``final``) is the one scored.
+        refit: ``cv``: a fresh head on ``final`` trained for the folds' best steps
+            (``crossval.refit_epochs``; its cosine schedule over those epochs: what ``ssl-finetune
+            --epochs N --validation none`` trains, so the report's command reproduces the row);
+            ``pool``: the first fold's best-validation head (its training part is ``final``) is
+            the one scored.
+        size: ``part -> number of images`` of a training part.
     """
     best_epochs, val_scores, head = [], [], None
     for part, val in folds:
@@ -126,7 +129,7 @@ def _probe_folds(make, folds, final, test, epochs, lr, weight_decay, patience, d
         val_scores.append(history.best_val_top1)
     chosen: dict = {"lr": lr}
     if refit or not folds:
-        stop = median_epoch(best_epochs) if folds else epochs
+        stop = refit_epochs(best_epochs, [size(part) for part, _ in folds], size(final)) if folds else epochs
         model, head, batches = make(final)
         history = _train_head(model, head, batches, None, stop, lr, weight_decay, patience, device)
         chosen.update(epochs=stop, **({"fold_best_epochs": best_epochs} if folds else {}))
@@ -202,4 +205,4 @@ def evaluate_linear_augmented(backbone: nn.Module, train_images, train_features:
         folds = [(train_images, train_features, val_features, val_labels)]
     parts = [((images, features), (vx, vy)) for images, features, vx, vy in folds]
     return _probe_folds(make, parts, (train_images, train_features), (test_features, test_labels), epochs, lr, 0.0,
-                        patience, device, refit)
+                        patience, device, refit, size=lambda part: len(part[1]))

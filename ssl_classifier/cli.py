@@ -53,8 +53,8 @@ def finetune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test", help="labelled test images, scored once with the chosen epoch (optional)")
     parser.add_argument("--out", required=True, help="model folder to write")
     parser.add_argument("--mode", choices=MODE_CHOICES, default=defaults.mode, help="linear: frozen backbone + trained "
-                        "head (fast, robust with very few labels); finetune: head first, then the whole network with a "
-                        "lower backbone learning rate (better with hundreds of labels per class); auto: the better of "
+                        "head (fast, robust with very few labels); finetune: the whole network with a new head (better "
+                        "with hundreds of labels per class; linear-probe's fine-tuning); auto: the better of "
                         "the two on held-out labels (--validation)")
     parser.add_argument("--validation", choices=VALIDATIONS, default=defaults.validation, help="what mode and epochs "
                         "are chosen on: cv = stratified folds of the labelled images, then a refit on all of them; "
@@ -63,9 +63,9 @@ def finetune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cv-folds", type=int, default=defaults.cv_folds, help="folds of --validation cv")
     parser.add_argument("--finetune-cv-folds", type=int, default=defaults.finetune_cv_folds,
                         help="folds fine-tuning trains to choose its epochs (each is a training run)")
-    parser.add_argument("--head-init", choices=HEAD_INITS, default=defaults.head_init, help="finetune: probe = "
-                        "train the head on frozen features first (LP-FT); random = a random head, every layer at "
-                        "--lr x --backbone-lr-scale (linear-probe's fine-tuning with --backbone-lr-scale 1)")
+    parser.add_argument("--head-init", choices=HEAD_INITS, default=defaults.head_init, help="finetune: random = "
+                        "a new head, every layer at --lr (linear-probe's fine-tuning); probe = train the head on frozen "
+                        "features first, then the backbone at --lr x 0.1 (LP-FT)")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--labels-per-class", type=int, help="use only N labelled images per class (simulate a budget)")
     budget.add_argument("--label-fraction", type=float, help="use only this share of each class's labels")
@@ -75,9 +75,11 @@ def finetune_parser() -> argparse.ArgumentParser:
                         "turns it on when the largest class has 1.5x the images of the smallest")
     parser.add_argument("--epochs", type=int, help="epoch budget (default: 100 linear, 30 finetune); with held-out "
                         "labels the best epoch is chosen within it")
-    parser.add_argument("--lr", type=float, help="SGD learning rate of the head (default: 0.1 linear, 0.01 finetune)")
+    parser.add_argument("--lr", type=float, help="SGD learning rate of the head (default: 0.1 linear, 0.05 finetune, 0.01 "
+                        "finetune after --head-init probe)")
     parser.add_argument("--backbone-lr-scale", type=float, default=defaults.backbone_lr_scale,
-                        help="finetune: the backbone's learning rate is lr times this")
+                        help="finetune: the backbone's learning rate is lr times this (default: 1 with a random "
+                        "head, 0.1 with --head-init probe)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--input-size", type=int, help="input side in pixels (default: the backbone's; 224 with --arch)")
     parser.add_argument("--arch", help="read --checkpoint as a torchvision/timm state dict (.pth with weights_only=True, "

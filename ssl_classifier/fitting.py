@@ -2,14 +2,15 @@
 
 Two modes (``ssl_classifier.train``): ``linear`` (a head on frozen, standardised features,
 folded into one ``nn.Linear`` when saved) and ``finetune`` (the whole network on augmented
-images; by default the head is first trained as in ``linear``: LP-FT, Kumar et al. 2022).
+images from a random head, ``linear-probe``'s fine-tuning; with ``head_init="probe"`` the head is
+first trained as in ``linear``: LP-FT, Kumar et al. 2022).
 
 What is chosen, and on what (``linear_probe.crossval``, the rules of ``linear-probe``):
 
 - ``cv`` (default): stratified folds of the labelled images themselves. Each candidate mode
   trains on the folds' training parts with early stopping on their held-out parts (balanced
   accuracy); the mode with the best mean wins (a tie goes to ``linear``), and it is refit on every
-  labelled image for the median of its folds' best epochs. Fine-tuning scores
+  labelled image for the folds' best number of steps (``crossval.refit_epochs``). Fine-tuning scores
   ``crossval.TRAINING_FOLDS`` fold(s); with both modes in the running they are compared on the
   same fold(s).
 - ``pool`` / a ``--val`` set: the epoch of the best validation score is kept (those images are
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from linear_probe.crossval import median_epoch
+from linear_probe.crossval import refit_epochs
 from linear_probe.embeddings import extract_embeddings
 from linear_probe.finetune import prepare_scoring, training_route
 from linear_probe.linear import Standardise, feature_batches
@@ -41,8 +42,11 @@ log = logging.getLogger(__name__)
 LINEAR_HEAD_DEFAULTS = {"epochs": 100, "lr": 0.1, "patience": 20}
 """The linear head's budget: MoCo v3's linear-probe learning rate on standardised features;
 100 epochs of a linear layer on cached features take seconds, early stopping ends most sooner."""
-FINETUNE_DEFAULTS = {"epochs": 30, "lr": 0.01, "patience": 10}
-"""Fine-tuning's budget after LP-FT's head: the head already trained, a small learning rate."""
+FINETUNE_DEFAULTS = {"epochs": 30, "lr": 0.05, "patience": 10}
+"""Fine-tuning's budget from a random head: ``linear-probe``'s (``evaluate_finetune``), so that
+the report's fine-tuning rows are what ``ssl-finetune`` trains."""
+PROBE_HEAD_LR = 0.01
+"""LP-FT's rate after the probe has trained the head: small, to keep the features."""
 
 
 def mode_defaults(mode: str) -> dict[str, int | float]:
@@ -66,8 +70,8 @@ class Job:
     def budget(self, mode: str) -> dict[str, Any]:
         """Epochs, learning rate and patience of ``mode``: the settings', else the mode's defaults."""
         defaults = mode_defaults(mode)
-        if mode == "finetune" and self.settings.head_init == "random":
-            defaults = {**defaults, "lr": 0.05}  # no trained head to protect: linear-probe's fine-tuning rate
+        if mode == "finetune" and self.settings.head_init == "probe":
+            defaults = {**defaults, "lr": PROBE_HEAD_LR}
         return {"epochs": self.settings.epochs or defaults["epochs"], "lr": self.settings.lr or defaults["lr"],
                 "patience": self.settings.patience or defaults["patience"]}
 
@@ -154,7 +158,7 @@ def fit(job: Job, mode: str, train, val, epochs: int | None = None) -> tuple[Ima
         prepared = prepare_scoring(val, job.transform)
         score_val = lambda: balanced_accuracy(*score(model, prepared))  # noqa: E731
         val_every = validation_interval(len(train), len(val), budget["epochs"])
-    parameters = [{"params": network.backbone.parameters(), "lr": budget["lr"] * settings.backbone_lr_scale},
+    parameters = [{"params": network.backbone.parameters(), "lr": budget["lr"] * settings.backbone_scale},
                   {"params": network.head.parameters(), "lr": budget["lr"]}]
     history = train_with_early_stopping(
         model, parameters, batches, score_val, epochs=budget["epochs"], lr=budget["lr"], weight_decay=5e-4,
@@ -168,8 +172,8 @@ def choose_and_fit(job: Job, modes: tuple[str, ...], train, folds: list, refit: 
     """The classifier of the best mode over ``folds`` = ``[(train part, held-out part)]``.
 
     Args:
-        refit: retrain the chosen mode on all of ``train`` for the median of its folds' best
-            epochs (``cv``, or no folds: the whole budget); else (``pool`` / ``--val``) the one
+        refit: retrain the chosen mode on all of ``train`` for its folds' best number of steps
+            (``crossval.refit_epochs``; ``cv``, or no folds: the whole budget); else (``pool`` / ``--val``) the one
             fold trained on ``train`` is the classifier.
         finetune_folds: folds fine-tuning scores under ``cv``; with both modes in the running they
             are compared on these same folds.
@@ -200,7 +204,7 @@ def choose_and_fit(job: Job, modes: tuple[str, ...], train, folds: list, refit: 
     mode = max(modes, key=lambda name: results[name]["validation_balanced_accuracy"])  # first wins a tie
     summary = {"modes": results} if len(modes) > 1 else {}
     if refit:
-        epochs = median_epoch(results[mode]["fold_best_epochs"])
+        epochs = refit_epochs(results[mode]["fold_best_epochs"], [len(part) for part, _ in folds], len(train))
         network, history, chosen = fit(job, mode, train, None, epochs=epochs)
         return network, mode, {**chosen, **summary, "epochs": epochs,
                                "validation_balanced_accuracy": results[mode]["validation_balanced_accuracy"]}

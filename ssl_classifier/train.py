@@ -5,9 +5,10 @@ Two modes, as in the evaluation (``linear_probe``), but the model is kept:
 - ``linear``: the backbone stays frozen; a linear head is trained on its features (extracted
   once), on standardised features (MAE's linear probe), and the standardisation is folded into
   the head when it is saved: one ``nn.Linear`` on the backbone's output.
-- ``finetune``: the head is first trained as in ``linear`` (LP-FT, Kumar et al. 2022: a trained
-  head keeps fine-tuning from distorting good features with large random-head gradients), then
-  the whole network trains on augmented images with the backbone at a lower learning rate.
+- ``finetune``: the whole network trains on augmented images with a new linear head, every layer
+  at one learning rate (0.05): ``linear-probe``'s fine-tuning, so that the report's figures are
+  what ``ssl-finetune`` trains. ``head_init="probe"`` is LP-FT instead (Kumar et al. 2022): the
+  head first trained as in ``linear``, then the backbone at a tenth of the head's rate (0.01).
 
 By default (``--mode auto``) the mode and its epochs are chosen inside the label budget, by
 cross-validation over the labelled images, and the chosen mode is refit on all of them
@@ -32,7 +33,7 @@ from linear_probe.crossval import DEFAULT_FOLDS, TRAINING_FOLDS, plan_folds
 from linear_probe.embeddings import extract_embeddings, fingerprint_module
 from linear_probe.metrics import classification_metrics
 from linear_probe.splits import LabelBudget, sample_label_subset, stratified_split
-from ssl_classifier.fitting import Job, choose_and_fit, mode_defaults
+from ssl_classifier.fitting import PROBE_HEAD_LR, Job, choose_and_fit, mode_defaults
 from ssl_classifier.model import INFO_FILE, MODEL_FILE, ClassifierError, ClassifierInfo, save_classifier
 from ssl_pretrain.augment.transforms import build_eval_transform
 from ssl_pretrain.data import SubsetSource, check_same_classes, decoded_in_memory, open_source
@@ -46,7 +47,9 @@ MODE_CHOICES = ("auto",) + MODES
 VALIDATIONS = ("cv", "pool", "none")
 """cv: mode and epochs chosen by cross-validation inside the labels; pool: on --val-fraction held out
 of them (those labels then train nothing); none: nothing held out, every epoch of the budget."""
-HEAD_INITS = ("probe", "random")
+HEAD_INITS = ("random", "probe")
+PROBE_BACKBONE_LR_SCALE = 0.1
+"""LP-FT: the backbone at a tenth of the trained head's learning rate."""
 BALANCING = ("auto", "weights", "none")
 IMBALANCE_RATIO = 1.5
 """``balance: auto`` weights the loss when the largest class has this many times the images of
@@ -58,8 +61,9 @@ class FinetuneSettings:
     """Everything ``train_classifier`` can be told; the command line shows the same defaults.
 
     ``epochs`` and ``lr`` default per mode: linear 100 epochs at 0.1 (on features: fast);
-    fine-tuning 30 epochs at 0.01 for the head and ``backbone_lr_scale`` times that for the
-    backbone (the linear probe has already trained the head; 0.05 with ``head_init="random"``).
+    fine-tuning 30 epochs at 0.05 for a random head and the backbone alike (``linear-probe``'s
+    fine-tuning); with ``head_init="probe"`` (LP-FT) 0.01 for the trained head and
+    ``backbone_lr_scale`` (default 0.1) times that for the backbone.
     ``mode="auto"`` chooses between them inside the labels (``validation="cv"``).
     """
 
@@ -70,12 +74,12 @@ class FinetuneSettings:
     validation: str = "cv"
     cv_folds: int = DEFAULT_FOLDS
     finetune_cv_folds: int = TRAINING_FOLDS
-    head_init: str = "probe"  # finetune: LP-FT's trained head, or a random one (linear-probe's fine-tuning)
+    head_init: str = "random"  # finetune: a random head (linear-probe's fine-tuning), or LP-FT's trained one
     val_fraction: float = 0.2
     balance: str = "auto"
     epochs: int | None = None
     lr: float | None = None
-    backbone_lr_scale: float = 0.1
+    backbone_lr_scale: float | None = None  # default: 1 with a random head, 0.1 with LP-FT's
     batch_size: int = 64
     patience: int | None = None
     input_size: int | None = None
@@ -109,6 +113,16 @@ class FinetuneSettings:
                 raise ClassifierError(f"{name.replace('_', '-')} must be at least 1, got {value}")
         if self.lr is not None and self.lr <= 0:
             raise ClassifierError(f"lr must be positive, got {self.lr}")
+        if self.backbone_lr_scale is not None and self.backbone_lr_scale < 0:
+            raise ClassifierError(f"backbone-lr-scale must be at least 0, got {self.backbone_lr_scale}")
+
+    @property
+    def backbone_scale(self) -> float:
+        """The backbone's share of the head's learning rate: given, else 1 for a random head (one
+        rate for every layer) and 0.1 for LP-FT's trained head."""
+        if self.backbone_lr_scale is not None:
+            return self.backbone_lr_scale
+        return 1.0 if self.head_init == "random" else PROBE_BACKBONE_LR_SCALE
 
     @property
     def budget(self) -> LabelBudget | None:
@@ -123,8 +137,8 @@ class FinetuneSettings:
         values = asdict(self)
         defaults = mode_defaults(mode)
         values.update(mode=mode, requested_mode=self.mode, epochs=self.epochs or defaults["epochs"],
-                      lr=self.lr or (0.05 if mode == "finetune" and self.head_init == "random" else defaults["lr"]),
-                      patience=self.patience or defaults["patience"])
+                      lr=self.lr or (PROBE_HEAD_LR if mode == "finetune" and self.head_init == "probe" else defaults["lr"]),
+                      patience=self.patience or defaults["patience"], backbone_lr_scale=self.backbone_scale)
         for transient in ("progress", "overwrite", "num_workers", "device"):
             values.pop(transient)
         return values

@@ -20,6 +20,7 @@ from ssl_pretrain.data.images import (
 from ssl_pretrain.data.sources import (
     ArraySource,
     FileSource,
+    ReducedLoader,
     SubsetSource,
     check_readable,
     check_same_classes,
@@ -35,7 +36,7 @@ from ssl_pretrain.data.sources import (
 
 __all__ = [
     "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "ArraySource", "DataError", "DecodedSource", "FileSource",
-    "ImageSource", "SubsetSource", "UnreadableImage", "check_readable", "check_same_classes", "common_small_size", "decode_all",
+    "ImageSource", "ReducedLoader", "SubsetSource", "UnreadableImage", "check_readable", "check_same_classes", "common_small_size", "decode_all",
     "decode_image_bytes", "decode_workers", "decoded_in_memory", "digits_source", "image_folder_source", "labelled_list_source",
     "load_image", "open_source", "random_subset", "read_labelled_list", "read_path_list", "scan_images", "to_rgb",
 ]

@@ -17,7 +17,6 @@ loop memory-maps it (the page cache keeps it in memory when it fits) or copies i
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -37,7 +36,7 @@ from torchvision.transforms.v2.functional import resize
 from tqdm import tqdm
 
 from ssl_pretrain.data.images import ImageSource, UnreadableImage
-from ssl_pretrain.data.sources import FileSource, SubsetSource
+from ssl_pretrain.data.sources import FileSource, ReducedLoader, SubsetSource
 
 log = logging.getLogger("ssl_pretrain")
 
@@ -84,30 +83,19 @@ def fit_square(image: Image.Image, side: int) -> np.ndarray:
     return resized.permute(1, 2, 0).numpy()
 
 
-def _takes_min_side(source) -> bool:
-    """Does ``source.load`` accept ``min_side`` (reduced-size decoding)?"""
-    if isinstance(source, SubsetSource):
-        return _takes_min_side(source.source)
-    try:
-        return "min_side" in inspect.signature(source.load).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 class _FitDecoder:
     """``index -> (index, pixels (side, side, 3) or None, reason or None)``: a map-style dataset
     for decoding in loader workers."""
 
     def __init__(self, source: ImageSource, side: int):
-        self.source, self.side = source, side
-        self.reduced = _takes_min_side(source)
+        self.source, self.side, self.load = source, side, ReducedLoader(source, side)
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int):
         try:
-            image = self.source.load(index, min_side=self.side) if self.reduced else self.source.load(index)
+            image = self.load(index)
         except UnreadableImage as error:
             return index, None, str(error)
         return index, fit_square(image, self.side), None

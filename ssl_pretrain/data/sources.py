@@ -9,6 +9,7 @@ into one.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import re
@@ -193,6 +194,31 @@ class SubsetSource:
         """The images at ``positions`` of this subset, as a subset of the same source."""
         return SubsetSource(self.source, self.indices[np.asarray(positions, dtype=np.int64)])
 
+
+
+def takes_min_side(source) -> bool:
+    """Does ``source.load`` accept ``min_side`` (a JPEG decoded at reduced size)?"""
+    if isinstance(source, SubsetSource):
+        return takes_min_side(source.source)
+    try:
+        return "min_side" in inspect.signature(source.load).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class ReducedLoader:
+    """``index -> image`` decoded at reduced size where the source and format allow (JPEG DCT
+    scaling while both sides stay at least ``min_side``): what every consumer that resizes to a
+    known input size (pixel cache, embeddings, fine-tuning) reads through. Picklable, for loader
+    workers."""
+
+    def __init__(self, source, min_side: int):
+        self.source, self.min_side, self.reduced = source, min_side, takes_min_side(source)
+
+    def __call__(self, index: int) -> Image.Image:
+        if self.reduced:
+            return self.source.load(index, min_side=self.min_side)
+        return self.source.load(index)
 
 
 def random_subset(source: ImageSource, count: int | None, seed: int = 0) -> ImageSource:

@@ -94,7 +94,10 @@ def test_finetune_mode_trains_the_backbone_with_a_label_budget(backbone_run, tmp
     info = json.loads((out / "classifier.json").read_text())
     assert info["mode"] == "finetune" and info["training"]["n_train"] == 100
     assert set(info["training"]["train_counts"].values()) == {10}
-    assert info["training"]["epochs"] <= 2 and "linear_probe" in info["training"]
+    # linear-probe's fine-tuning (a new head, one learning rate), so the report's rows are what it trains
+    assert info["training"]["epochs"] <= 2 and "linear_probe" not in info["training"]
+    assert (info["training"]["head_init"], info["training"]["lr"], info["training"]["backbone_lr_scale"]) == (
+        "random", 0.05, 1.0)
     network, _ = load_network(out)
     pretrained, _ = load_network(out)  # same file: compare against the exported backbone instead
     from ssl_pretrain.checkpoint import load_backbone
@@ -104,6 +107,16 @@ def test_finetune_mode_trains_the_backbone_with_a_label_budget(backbone_run, tmp
                if tensor.is_floating_point() and not torch.equal(tensor, network.backbone.state_dict()[name])]
     assert changed, "fine-tuning must update the backbone"
     assert "cross-validated inside the labels" in capsys.readouterr().out
+
+
+def test_lp_ft_trains_the_head_first_then_the_backbone_at_a_tenth():
+    settings = FinetuneSettings(mode="finetune", head_init="probe")
+    resolved = settings.resolved("finetune")
+    assert (resolved["lr"], resolved["backbone_lr_scale"]) == (0.01, 0.1)
+    assert FinetuneSettings(head_init="probe", backbone_lr_scale=0.5, lr=0.2).resolved("finetune")[
+        "backbone_lr_scale"] == 0.5
+    with pytest.raises(ClassifierError, match="backbone-lr-scale"):
+        FinetuneSettings(backbone_lr_scale=-1)
 
 
 def test_imbalanced_classes_get_a_weighted_loss_and_balanced_metrics(backbone_run, tmp_path, caplog):

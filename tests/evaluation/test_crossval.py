@@ -12,7 +12,7 @@ import pytest
 import linear_probe.evaluate as evaluate_module
 from cli_checks import EVAL_FAST
 from linear_probe.cli import main
-from linear_probe.crossval import choose, median_epoch, plan_folds, stratified_folds
+from linear_probe.crossval import choose, median_epoch, plan_folds, refit_epochs, stratified_folds
 from linear_probe.knn_choice import candidates, fold_scores
 
 
@@ -50,6 +50,14 @@ def test_folds_are_scored_until_enough_held_out_predictions():
 def test_choose_prefers_the_best_mean_and_the_earlier_candidate_on_a_tie():
     assert choose(["a", "b", "c"], [[0.5, 0.7, 0.7], [0.5, 0.6, 0.6]])[0] == "b"
     assert median_epoch([9, 3, 5, 7]) == 5 and median_epoch([4]) == 4
+
+
+def test_the_refit_keeps_the_folds_number_of_steps():
+    # a fold of 4,000 of 5,000 images best at epoch 28 took 112,000 image-steps: 22.4 epochs of 5,000
+    assert refit_epochs([28], [4000], 5000) == 22
+    # every fold scaled, then the median (lower middle); never below one epoch
+    assert refit_epochs([10, 20, 30, 40], [80, 80, 80, 80], 100) == 16
+    assert refit_epochs([1], [2], 10) == 1
 
 
 def test_knn_grid_scores_match_instdisc_votes_in_numpy(rng):

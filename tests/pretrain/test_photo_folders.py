@@ -207,3 +207,37 @@ def test_a_messy_folder_keeps_every_good_image_and_names_every_bad_one(tmp_path)
     assert len(stored.images) == len(source) - len(reasons) and set(folder.bad) <= set(reasons)
     for name, fragment in folder.bad.items():
         assert fragment.lower() in reasons[name].lower(), (name, reasons[name])
+
+
+def test_embeddings_and_fine_tuning_decode_photos_at_reduced_size(tmp_path, monkeypatch):
+    """The pixel cache, embeddings and fine-tuning read a JPEG through ``ReducedLoader``: decoded
+    at a fraction of its size (both sides still >= the input), the framing of a full decode."""
+    from linear_probe.embeddings import _TransformedImages
+    from linear_probe.images import load_pixels
+    from ssl_pretrain.augment.transforms import build_eval_transform
+    from ssl_pretrain.data import ArraySource, ReducedLoader
+
+    folder = tmp_path / "photos" / "a"
+    folder.mkdir(parents=True)
+    Image.fromarray(photo(800, 600, 1)).save(folder / "big.jpg", quality=95)
+    source = open_source(str(tmp_path / "photos"), labelled=True)
+    assert ReducedLoader(source, 64)(0).size == (100, 75)  # 1/8: the short side stays >= 64
+    assert source.load(0).size == (800, 600)
+    sizes = []
+    original = type(source).load
+
+    def spy(self, index, min_side=None):
+        image = original(self, index, min_side)
+        sizes.append(image.size)
+        return image
+
+    monkeypatch.setattr(type(source), "load", spy)
+    transform = build_eval_transform(64, (0.5,) * 3, (0.25,) * 3)
+    _, reduced = _TransformedImages(source, transform)[0]
+    pixels = load_pixels(source, transform)
+    assert sizes == [(100, 75), (100, 75)]
+    assert torch.equal(pixels.pixels[0], reduced)
+    full = transform.to_uint8(original(source, 0))
+    assert (reduced.float() - full.float()).abs().mean() < 3  # the same picture, resampled differently
+    arrays = ArraySource(np.zeros((1, 9, 9, 3), np.uint8))
+    assert ReducedLoader(arrays, 64)(0).size == (9, 9)  # a source that decodes nothing: as it is

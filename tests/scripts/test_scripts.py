@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 
 import pytest
 import yaml
@@ -225,3 +226,11 @@ def test_protocols_benchmark_compares_cv_with_pool_and_checks_the_classifier(ran
     assert own == pytest.approx(reported, abs=0.011)
     table = capsys.readouterr().out
     assert "| inflation, points |" in table and "ssl-finetune defaults (auto, cv)" in table
+    # after a change to ssl-finetune's defaults: the protocols' rows and the other ways are reused
+    shutil.rmtree(out / "cv")
+    assert _load("bench_protocols").main(["--checkpoint", str(random_checkpoint), "--train", str(train),
+                                          "--test", str(test), "--out", str(out), "--budgets", "5pc", "--seeds", "2",
+                                          "--classifier-check", "5pc", "--reuse", "--ways", "default"]) == 0
+    again, = json.loads((out / "protocols.json").read_text())["checks"]
+    assert again["ssl_finetune_seeds"]["own"] == own and len(again["default_seconds"]) == 2
+    assert not (out / "cv").exists()  # nothing evaluated again
