@@ -47,10 +47,15 @@ FINETUNE_DEFAULTS = {"epochs": 30, "lr": 0.05, "patience": 10}
 the report's fine-tuning rows are what ``ssl-finetune`` trains."""
 PROBE_HEAD_LR = 0.01
 """LP-FT's rate after the probe has trained the head: small, to keep the features."""
+PROBE_BACKBONE_LR_SCALE = 0.1
+"""LP-FT: the backbone at a tenth of the trained head's learning rate."""
 
 
-def mode_defaults(mode: str) -> dict[str, int | float]:
-    return LINEAR_HEAD_DEFAULTS if mode == "linear" else FINETUNE_DEFAULTS
+def mode_defaults(mode: str, head_init: str = "random") -> dict[str, int | float]:
+    """Epochs, learning rate and patience of ``mode`` when the settings leave them out."""
+    if mode == "linear":
+        return LINEAR_HEAD_DEFAULTS
+    return {**FINETUNE_DEFAULTS, "lr": PROBE_HEAD_LR} if head_init == "probe" else FINETUNE_DEFAULTS
 
 
 @dataclass
@@ -69,9 +74,7 @@ class Job:
 
     def budget(self, mode: str) -> dict[str, Any]:
         """Epochs, learning rate and patience of ``mode``: the settings', else the mode's defaults."""
-        defaults = mode_defaults(mode)
-        if mode == "finetune" and self.settings.head_init == "probe":
-            defaults = {**defaults, "lr": PROBE_HEAD_LR}
+        defaults = mode_defaults(mode, self.settings.head_init)
         return {"epochs": self.settings.epochs or defaults["epochs"], "lr": self.settings.lr or defaults["lr"],
                 "patience": self.settings.patience or defaults["patience"]}
 

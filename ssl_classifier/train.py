@@ -33,7 +33,7 @@ from linear_probe.crossval import DEFAULT_FOLDS, TRAINING_FOLDS, plan_folds
 from linear_probe.embeddings import extract_embeddings, fingerprint_module
 from linear_probe.metrics import classification_metrics
 from linear_probe.splits import LabelBudget, sample_label_subset, stratified_split
-from ssl_classifier.fitting import PROBE_HEAD_LR, Job, choose_and_fit, mode_defaults
+from ssl_classifier.fitting import PROBE_BACKBONE_LR_SCALE, Job, choose_and_fit, mode_defaults
 from ssl_classifier.model import INFO_FILE, MODEL_FILE, ClassifierError, ClassifierInfo, save_classifier
 from ssl_pretrain.augment.transforms import build_eval_transform
 from ssl_pretrain.data import SubsetSource, check_same_classes, decoded_in_memory, open_source
@@ -48,8 +48,6 @@ VALIDATIONS = ("cv", "pool", "none")
 """cv: mode and epochs chosen by cross-validation inside the labels; pool: on --val-fraction held out
 of them (those labels then train nothing); none: nothing held out, every epoch of the budget."""
 HEAD_INITS = ("random", "probe")
-PROBE_BACKBONE_LR_SCALE = 0.1
-"""LP-FT: the backbone at a tenth of the trained head's learning rate."""
 BALANCING = ("auto", "weights", "none")
 IMBALANCE_RATIO = 1.5
 """``balance: auto`` weights the loss when the largest class has this many times the images of
@@ -135,9 +133,9 @@ class FinetuneSettings:
     def resolved(self, mode: str) -> dict[str, Any]:
         """The settings with ``mode``'s defaults filled in (what ``classifier.json`` records)."""
         values = asdict(self)
-        defaults = mode_defaults(mode)
+        defaults = mode_defaults(mode, self.head_init)
         values.update(mode=mode, requested_mode=self.mode, epochs=self.epochs or defaults["epochs"],
-                      lr=self.lr or (PROBE_HEAD_LR if mode == "finetune" and self.head_init == "probe" else defaults["lr"]),
+                      lr=self.lr or defaults["lr"],
                       patience=self.patience or defaults["patience"], backbone_lr_scale=self.backbone_scale)
         for transient in ("progress", "overwrite", "num_workers", "device"):
             values.pop(transient)
