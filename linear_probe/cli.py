@@ -112,9 +112,12 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
     linear.add_argument("--linear-lr", type=float, default=DEFAULTS.linear_lr, help="SGD learning rate of the linear probe")
     linear.add_argument("--linear-augment", action="store_true", help="train the linear probe on augmented images "
                         "through the frozen backbone (slower) instead of on the cached embeddings")
-    linear.add_argument("--no-flip", action="store_true", help="no random horizontal flips when training on "
-                        "images (fine-tuning, scratch, --linear-augment): for digits and text, where a mirror "
-                        "image is another glyph")
+    flips = linear.add_mutually_exclusive_group()
+    flips.add_argument("--no-flip", dest="flip", action="store_false", default=None,
+                       help="no random horizontal flips when training on images (fine-tuning, scratch, "
+                       "--linear-augment): for digits and text, where a mirror image is another glyph "
+                       "(default: as pretraining did)")
+    flips.add_argument("--flip", dest="flip", action="store_true", help="flip even where pretraining did not")
     linear.add_argument("--finetune-epochs", type=int, default=DEFAULTS.finetune_epochs,
                         help="budget of fine-tuning and of the scratch baseline; early stopping on validation")
     linear.add_argument("--finetune-max-fraction", type=float, default=DEFAULTS.finetune_max_fraction,
@@ -165,7 +168,7 @@ def settings_from_args(args: argparse.Namespace) -> EvaluationSettings:
         linear_epochs=args.linear_epochs,
         linear_lr=args.linear_lr,
         linear_augment=args.linear_augment,
-        hflip=not args.no_flip,
+        hflip=args.flip,
         finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr,
         finetune_max_fraction=args.finetune_max_fraction,

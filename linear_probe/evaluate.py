@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from linear_probe.logreg import evaluate_logreg_folds
 from linear_probe.report import format_table, make_row, summarise, write_report
 from linear_probe.scoring import ProbeResult
 from linear_probe.splits import LabelBudget, sample_label_subset, select_label_subset, uniform_label_subset
-from ssl_pretrain.checkpoint import BackboneInfo
+from ssl_pretrain.checkpoint import BackboneInfo, resolve_hflip
 from ssl_pretrain.data import SubsetSource
 from ssl_pretrain.engine.allocator import keep_freed_memory
 from ssl_pretrain.engine.devices import resolve_device
@@ -377,6 +377,7 @@ def evaluate(checkpoint: str | Path, train: str, out_dir: str | Path, *, test: s
     if device.type == "cpu":
         keep_freed_memory()  # as pretraining does: no page faults for every batch's activations
     backbone, info = load_any_backbone(checkpoint, arch, input_size)
+    settings = replace(settings, hflip=resolve_hflip(settings.hflip, info, log))
     data = open_evaluation_data(train, test, val, settings)
     check_finetune_budgets(settings, len(data.pool))
     extractors = build_feature_extractors(backbone.to(device), info, settings)

@@ -63,20 +63,41 @@ def _collate_labelled(samples):
     return torch.stack([image for image, _ in samples]), torch.tensor([label for _, label in samples])
 
 
-def build_train_loader(source, transform, batch_size: int, seed: int, num_workers: int = 0) -> DataLoader:
-    """Shuffled batches of augmented labelled images, the order fixed by ``seed``.
+def balanced_batches(order: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, ...]:
+    """``order`` cut into ``ceil(n / batch_size)`` batches whose sizes differ by at most one.
 
-    A last batch of a single image is dropped: BatchNorm in training mode cannot normalise one
-    value per channel (the ResNet stem at 1x1 resolution).
+    Not ``batch_size``-sized batches and a remainder: 450 images in batches of 64 would end every
+    epoch on a batch of 2, whose BatchNorm statistics enter the running averages the network is
+    scored with (momentum 0.1 a step) and whose gradient is two images' worth; 8 batches of 56-57
+    see every image once with none of that (``scripts/bench_last_batch.py`` measures the two cuts).
     """
+    return order.tensor_split(max(1, -(-len(order) // batch_size))) if len(order) else ()
+
+
+class BalancedBatchSampler:
+    """A ``DataLoader`` batch sampler: a fresh permutation of ``n`` indices every epoch (fixed by
+    ``seed``), cut by ``balanced_batches``."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        for part in balanced_batches(torch.randperm(self.n, generator=self.generator), self.batch_size):
+            yield part.tolist()
+
+
+def build_train_loader(source, transform, batch_size: int, seed: int, num_workers: int = 0) -> DataLoader:
+    """Shuffled batches of augmented labelled images, the order fixed by ``seed``, in batches of
+    near-equal size (``balanced_batches``)."""
     return DataLoader(
         LabelledImages(source, transform),
-        batch_size=batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
+        batch_sampler=BalancedBatchSampler(len(source), batch_size, seed),
         num_workers=num_workers,
         collate_fn=_collate_labelled,
-        drop_last=len(source) % batch_size == 1 and len(source) > 1,
     )
 
 
@@ -129,7 +150,7 @@ def augmented_batches(images: PixelSet, input_size: int, mean, std, batch_size: 
     augmentation of ``build_train_transform`` (crop scale 0.5-1, flip) done on whole batches in
     memory (one ``grid_sample``), in an order and with draws fixed by ``(seed, epoch)``.
 
-    A last batch of one image is dropped, as ``build_train_loader`` does (BatchNorm).
+    Batches of near-equal size (``balanced_batches``), as ``build_train_loader`` makes.
     """
     crop = BatchResizedCropFlip(input_size, (MIN_CROP_SCALE, 1.0), flip_prob=0.5 if hflip else 0.0)
     normalise = BatchNormalize(mean, std)
@@ -137,7 +158,7 @@ def augmented_batches(images: PixelSet, input_size: int, mean, std, batch_size: 
     def batches(epoch: int):
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(len(images), generator=generator)
-        parts = [part for part in order.split(batch_size) if len(part) > 1 or len(images) == 1]
+        parts = balanced_batches(order, batch_size)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 100_003 + epoch)
             for part in parts:

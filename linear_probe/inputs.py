@@ -71,7 +71,7 @@ class EvaluationSettings:
     linear_epochs: int = 100
     linear_lr: float = 0.1
     linear_augment: bool = False
-    hflip: bool = True
+    hflip: bool | None = None  # None: as pretraining did (the backbone's info), else flip
     finetune_epochs: int = 30
     finetune_max_fraction: float = 0.1  # fine-tune (and scratch) only at budgets up to this share
     finetune_lr: float = 0.05

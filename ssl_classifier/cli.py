@@ -84,7 +84,10 @@ def finetune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-size", type=int, help="input side in pixels (default: the backbone's; 224 with --arch)")
     parser.add_argument("--arch", help="read --checkpoint as a torchvision/timm state dict (.pth with weights_only=True, "
                         "or .safetensors) of this backbone (resnet18, resnet50...): start from ImageNet weights")
-    parser.add_argument("--no-flip", action="store_true", help="no horizontal flips when fine-tuning (digits, text)")
+    flips = parser.add_mutually_exclusive_group()
+    flips.add_argument("--no-flip", dest="flip", action="store_false", default=None,
+                       help="no horizontal flips when fine-tuning (digits, text; default: as pretraining did)")
+    flips.add_argument("--flip", dest="flip", action="store_true", help="flip even where pretraining did not")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=defaults.device, help="auto (CUDA, then MPS, then CPU), cpu, cuda...")
     parser.add_argument("--num-workers", type=int, default=defaults.num_workers, help="data-loading processes")
@@ -116,7 +119,7 @@ def finetune_main(argv: list[str] | None = None) -> int:
             head_init=args.head_init, val_fraction=args.val_fraction, balance=args.balance, epochs=args.epochs, lr=args.lr,
             backbone_lr_scale=args.backbone_lr_scale, batch_size=args.batch_size, input_size=args.input_size,
             arch=args.arch,
-            hflip=not args.no_flip, seed=args.seed, device=args.device, num_workers=args.num_workers,
+            hflip=args.flip, seed=args.seed, device=args.device, num_workers=args.num_workers,
             progress=not args.quiet, overwrite=args.overwrite)
         result = train_classifier(args.checkpoint, args.train, args.out, val=args.val, test=args.test,
                                   settings=settings)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from linear_probe.splits import LabelBudget, sample_label_subset, stratified_spl
 from ssl_classifier.fitting import PROBE_BACKBONE_LR_SCALE, Job, choose_and_fit, mode_defaults
 from ssl_classifier.model import INFO_FILE, MODEL_FILE, ClassifierError, ClassifierInfo, save_classifier
 from ssl_pretrain.augment.transforms import build_eval_transform
+from ssl_pretrain.checkpoint import resolve_hflip
 from ssl_pretrain.data import SubsetSource, check_same_classes, decoded_in_memory, open_source
 from ssl_pretrain.engine.devices import resolve_device
 from ssl_pretrain.models.warm_start import load_any_backbone
@@ -81,7 +82,7 @@ class FinetuneSettings:
     batch_size: int = 64
     patience: int | None = None
     input_size: int | None = None
-    hflip: bool = True
+    hflip: bool | None = None  # None: as pretraining did (the backbone's info), else flip
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
@@ -299,6 +300,7 @@ def train_classifier(checkpoint: str | Path, train: str, out_dir: str | Path, *,
     out_dir, device = Path(out_dir), resolve_device(settings.device)
     _check_out_dir(out_dir, settings.overwrite)
     backbone, binfo = load_any_backbone(checkpoint, settings.arch, settings.input_size or 224)
+    settings = replace(settings, hflip=resolve_hflip(settings.hflip, binfo, log))
     input_size = settings.input_size or binfo.input_size
     check_input_size(backbone, input_size, binfo.architecture, binfo.input_size)
     splits = open_splits(train, val, test, settings)

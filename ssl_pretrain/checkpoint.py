@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import pickle
 import re
@@ -53,12 +54,27 @@ class BackboneInfo:
     std: tuple[float, float, float]
     format_version: int = FORMAT_VERSION
     epoch: int = 0
+    # Whether pretraining flipped images (False: a mirror changes what they show, digits and
+    # text); evaluation and fine-tuning follow it. None: not known (older or foreign weights).
+    hflip: bool | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "BackboneInfo":
         known = {key: values[key] for key in cls.__dataclass_fields__ if key in values}
         known["mean"], known["std"] = tuple(known["mean"]), tuple(known["std"])
         return cls(**known)
+
+
+def resolve_hflip(requested: bool | None, info: BackboneInfo, log: logging.Logger) -> bool:
+    """Flip training images when fine-tuning? ``requested`` (``--flip`` / ``--no-flip``) wins; else
+    as pretraining did (``info.hflip``), and flips where that is not known."""
+    if requested is not None:
+        return requested
+    if info.hflip is False:
+        log.info("no horizontal flips when training on images: pretraining did not flip them (a mirror "
+                 "changes what they show, e.g. digits and text); --flip to flip")
+        return False
+    return True
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:

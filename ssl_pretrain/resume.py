@@ -55,6 +55,7 @@ def backbone_info(cfg, feature_dim: int, epoch: int = 0) -> BackboneInfo:
         mean=tuple(cfg.augment.mean),
         std=tuple(cfg.augment.std),
         epoch=epoch,
+        hflip=cfg.augment.hflip_prob > 0,
     )
 
 

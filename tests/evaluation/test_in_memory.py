@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from linear_probe.images import augmented_batches, load_pixels
+from linear_probe.images import BalancedBatchSampler, augmented_batches, balanced_batches, load_pixels
 from ssl_pretrain.data import SubsetSource, digits_source
 from ssl_pretrain.augment.transforms import build_eval_transform
 
@@ -28,11 +28,26 @@ def test_augmented_batches_are_seeded_labelled_and_cover_every_image_once():
     pixels = load_pixels(source, build_eval_transform(16, MEAN, STD))
     batches = augmented_batches(pixels, 16, MEAN, STD, batch_size=32, seed=3, hflip=False)
     first, again, other = list(batches(1)), list(batches(1)), list(batches(2))
-    # 65 = 32 + 32 + 1: the last batch of one image is dropped (BatchNorm in training mode)
-    assert [len(labels) for _, labels in first] == [32, 32]
+    # 65 in batches of at most 32: three of 22, 22, 21, not 32 + 32 + a last batch of one
+    # (BatchNorm in training mode), every image once
+    assert [len(labels) for _, labels in first] == [22, 22, 21]
+    assert sorted(torch.cat([labels for _, labels in first]).tolist()) == sorted(source.labels.tolist())
     for (images, labels), (images2, labels2) in zip(first, again):
         assert torch.equal(images, images2) and torch.equal(labels, labels2)
     assert not torch.equal(first[0][1], other[0][1])  # another epoch, another order
-    assert first[0][0].shape == (32, 3, 16, 16)
+    assert first[0][0].shape == (22, 3, 16, 16)
     seen = torch.cat([labels for _, labels in first])
     assert sorted(seen.tolist()) != [] and set(seen.tolist()) <= set(source.labels.tolist())
+
+
+def test_balanced_batches_cut_near_equal_parts_and_the_loader_uses_them():
+    for n, size, expected in [(450, 64, [57, 57, 56, 56, 56, 56, 56, 56]), (128, 64, [64, 64]), (1, 64, [1]),
+                              (65, 64, [33, 32]), (0, 64, [])]:
+        parts = balanced_batches(torch.arange(n), size)
+        assert [len(part) for part in parts] == expected
+        assert torch.equal(torch.cat(parts) if parts else torch.arange(0), torch.arange(n))
+    sampler = BalancedBatchSampler(450, 64, seed=0)
+    epoch1, epoch2 = list(sampler), list(sampler)
+    assert len(sampler) == 8 and [len(part) for part in epoch1] == [57, 57, 56, 56, 56, 56, 56, 56]
+    assert sorted(sum(epoch1, [])) == list(range(450)) and epoch1 != epoch2  # reshuffled each epoch
+    assert list(BalancedBatchSampler(450, 64, seed=0)) == epoch1  # fixed by the seed

@@ -3,6 +3,7 @@
 import errno
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from ssl_pretrain.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _info(architecture="smallconv", dim=256):
@@ -99,3 +102,28 @@ def test_exported_backbone_round_trip_and_mismatches(tmp_path):
         load_backbone(tmp_path / "junk.safetensors")
     with pytest.raises(CheckpointError, match="neither backbone.safetensors nor"):
         load_backbone(tmp_path)
+
+
+def test_evaluation_and_fine_tuning_flip_as_pretraining_did(tmp_path, caplog):
+    """A run that did not flip (digits, text) records it; linear-probe and ssl-finetune follow it
+    unless --flip / --no-flip says otherwise; weights that do not say (foreign, older) are flipped."""
+    import logging
+    from dataclasses import replace
+
+    from ssl_pretrain.checkpoint import resolve_hflip
+    from ssl_pretrain.config import load_config
+    from ssl_pretrain.resume import backbone_info
+
+    glyphs = backbone_info(load_config(CONFIGS / "glyphs_cpu.yaml"), feature_dim=64)
+    photos = backbone_info(load_config(CONFIGS / "cifar10_cpu.yaml"), feature_dim=64)
+    assert glyphs.hflip is False and photos.hflip is True
+    backbone = build_backbone("smallconv", small_stem=True)[0]
+    export_backbone(tmp_path / "b.safetensors", backbone, replace(_info(dim=256), hflip=False))
+    _, loaded = load_backbone(tmp_path / "b.safetensors")
+    assert loaded.hflip is False
+    log = logging.getLogger("test")
+    with caplog.at_level(logging.INFO, logger="test"):
+        assert resolve_hflip(None, loaded, log) is False
+    assert "pretraining did not flip" in caplog.text and "--flip" in caplog.text
+    assert resolve_hflip(True, loaded, log) is True
+    assert resolve_hflip(None, _info(), log) is True and resolve_hflip(False, _info(), log) is False
