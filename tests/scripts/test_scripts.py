@@ -234,3 +234,54 @@ def test_protocols_benchmark_compares_cv_with_pool_and_checks_the_classifier(ran
     again, = json.loads((out / "protocols.json").read_text())["checks"]
     assert again["ssl_finetune_seeds"]["own"] == own and len(again["default_seconds"]) == 2
     assert not (out / "cv").exists()  # nothing evaluated again
+
+
+def test_make_mixed_photos_makes_a_messy_folder_of_every_size_and_mode(digits_folders, tmp_path):
+    from PIL import Image
+
+    train, _ = digits_folders
+    counts = _load("make_mixed_photos").make_mixed(train.parent, tmp_path / "mixed", seed=0)
+    files = sorted((tmp_path / "mixed").rglob("*.*"))
+    assert counts["bad"] == 6 and sum(counts.values()) == len(files) == 400 + 6
+    images = [Image.open(f) for f in files if f.suffix in (".jpg", ".png") and f.stat().st_size > 300]
+    widths = {image.size[0] for image in images}
+    assert min(widths) >= 143 and max(widths) <= 1024 and len(widths) > 100
+    assert {image.mode for image in images} >= {"RGB", "L"}
+    assert (tmp_path / "mixed/train/0/empty.jpg").stat().st_size == 0
+
+
+def test_your_images_table_reads_the_runs_back(tmp_path, capsys):
+    log = tmp_path / "avx2_digits.pretrain.log"
+    log.write_text(
+        "recipe from the data (no --config; a preset or --set overrides any choice): 1,347 images; 300 sampled: "
+        "8x8 px, grey, array 300; cpu (x), fp32 (no fast bf16), 2 cores\n"
+        "  augment.input_size = 16: why\n  model.backbone = smallconv-s: why\n"
+        "precision auto: fp32 on cpu (AVX2)\n"
+        "epoch 1/15: loss 5.5, 700 images/s, 0 skipped files, ETA 25 s\n"
+        "epoch 2/15: loss 4.9, 800 images/s, 0 skipped files, ETA 23 s\n"
+        "epoch 3/15: loss 4.4, 900 images/s, 0 skipped files, ETA 20 s\n"
+        "done: backbone written to b; 2 unreadable files skipped\n"
+        "\tElapsed (wall clock) time (h:mm:ss or m:ss): 0:33.32\n\tMaximum resident set size (kbytes): 1110000\n")
+    rows = [{"features": f, "method": m, "label_budget": "10%", "top1": t}
+            for f, m, t in [("ssl", "logreg", 0.93), ("pixels", "logreg", 0.89), ("random_init", "logreg", 0.85),
+                            ("ssl", "finetune", 0.70), ("scratch", "finetune", 0.69), ("pixels", "knn", 0.95)]]
+    (tmp_path / "avx2_digits-eval").mkdir()
+    (tmp_path / "avx2_digits-eval/results.json").write_text(json.dumps({"rows": rows}))
+    assert _load("your_images_table").main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| digits | avx2 | 1,347 (8x8 px, grey, array 300) | 16 px, smallconv-s | fp32 | 800 | 3 (15) | 0:33.32 | 1.11 GB | 2 |" in out
+    assert "| digits | avx2 | logreg | – | 93.0 / 89.0 pixels (+4.0) | – |" in out
+    assert "logreg at 10%: +4.0 points vs the best baseline: met" in out
+    assert "finetune at 10%: +1.0 points vs the best baseline: NOT met" in out
+    assert "best ssl logreg 93.0 against the best baseline pixels knn 95.0 (-2.0)" in out
+
+
+def test_last_batch_benchmark_compares_both_cuts(random_checkpoint, digits_folders, capsys):
+    module = _load("bench_last_batch")
+    assert [len(p) for p in module.remainder_batches(__import__("torch").arange(129), 64)] == [64, 64]
+    train, _ = digits_folders
+    assert module.main(["--checkpoint", str(random_checkpoint), "--data", str(train.parent), "--images", "66",
+                        "--test", "20", "--seeds", "0", "--epochs", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 66 |")]
+    assert [line.split("|")[3].strip() for line in lines] == ["scratch", "ssl"]
+    assert all(0 <= float(line.split("|")[-2]) <= 100 for line in lines)
