@@ -125,7 +125,8 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
                         "of the labelled pool (default 0.1: the few-label budgets; 1.0: at every budget, "
                         "a full supervised training per seed)")
     linear.add_argument("--finetune-lr", type=float, default=DEFAULTS.finetune_lr,
-                        help="SGD learning rate of fine-tuning and of the scratch baseline")
+                        help="SGD learning rate of fine-tuning and of the scratch baseline (default: each "
+                        "chooses from 0.05 and 0.01 on validation inside the label budget)")
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:

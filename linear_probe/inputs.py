@@ -74,7 +74,7 @@ class EvaluationSettings:
     hflip: bool | None = None  # None: as pretraining did (the backbone's info), else flip
     finetune_epochs: int = 30
     finetune_max_fraction: float = 0.1  # fine-tune (and scratch) only at budgets up to this share
-    finetune_lr: float = 0.05
+    finetune_lr: float | None = None  # None: chosen from finetune.LR_GRID inside the budget
     batch_size: int = 256
     train_batch_size: int = 64
     device: str = "auto"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from linear_probe.finetune import DEFAULT_LR as DEFAULT_FINETUNE_LR
 from linear_probe.metrics import TOP5_ABOVE
 
 FEATURE_COLUMNS = ("ssl", "random_init", "pixels", "scratch")
@@ -250,14 +251,14 @@ def describe_validation(rows: list[dict], meta: dict) -> str:
     if "pool" in protocols:
         given = meta.get("data", {}).get("validation") == "given"
         if given:
-            return (f"kNN's k and T, C and epochs were chosen on the {n_val} images of the validation set given "
+            return (f"kNN's k and T, C, epochs and fine-tuning's learning rate were chosen on the {n_val} images of the validation set given "
                     f"(--val): they are labelled too, so each budget below used n_train + {n_val} labels.")
-        return (f"**Optimistic (--validation pool):** kNN's k and T, C and epochs were chosen on {n_val} validation "
+        return (f"**Optimistic (--validation pool):** kNN's k and T, C, epochs and fine-tuning's learning rate were chosen on {n_val} validation "
                 "images held out of the whole labelled pool, outside each budget: a user with n_train labels does "
                 "not have them, and the few-label figures read higher than such a user would get. The default "
                 "(--validation cv) chooses inside the budget.")
-    text = ("kNN's k and T, logistic regression's C and the epochs of the linear probe and fine-tuning were chosen "
-            "inside each label budget: by stratified cross-validation over the n_train labelled images, then "
+    text = ("kNN's k and T, logistic regression's C, the epochs of the linear probe and fine-tuning and "
+            "fine-tuning's learning rate were chosen inside each label budget: by stratified cross-validation over the n_train labelled images, then "
             "refit on all of them (results.json: `validation` and `chosen` of each row). No other label was used.")
     if "fixed" in protocols:
         text += (" Where no class had two labelled images nothing could be validated, and fixed settings were "
@@ -290,8 +291,12 @@ def best_classifier(rows: list[dict], budget: str | None = None) -> dict | None:
     group = [row for row in candidates if (row["method"], row["label_budget"]) == (method, label)]
     seed_epochs = [int(_chosen_epochs(row)) for row in sorted(group, key=lambda row: row["seed"])]
     epochs = sorted(seed_epochs)[(len(group) - 1) // 2]
-    return {"method": method, "budget": label, "epochs": int(epochs), "mean": summary[(method, label, "ssl")]["mean"],
+    rates = [row["chosen"]["lr"] for row in group if "lr" in (row.get("chosen") or {})]
+    best = {"method": method, "budget": label, "epochs": int(epochs), "mean": summary[(method, label, "ssl")]["mean"],
             "seeds": len(group), "seed_epochs": seed_epochs}
+    if rates:  # the rate most seeds chose (fine-tuning chooses one inside each budget)
+        best["lr"] = max(sorted(set(rates), reverse=True), key=rates.count)
+    return best
 
 
 def classifier_arguments(best: dict, settings: dict) -> list[str]:
@@ -300,7 +305,8 @@ def classifier_arguments(best: dict, settings: dict) -> list[str]:
     if best["method"] == "linear":
         arguments += ["--lr", f"{settings.get('linear_lr', 0.1):g}", "--batch-size", str(settings.get("batch_size", 256))]
     else:
-        arguments += ["--head-init", "random", "--backbone-lr-scale", "1", "--lr", f"{settings.get('finetune_lr', 0.05):g}",
+        arguments += ["--head-init", "random", "--backbone-lr-scale", "1", "--lr",
+                      f"{best.get('lr') or settings.get('finetune_lr') or DEFAULT_FINETUNE_LR:g}",
                       "--batch-size", str(settings.get("train_batch_size", 64))]
     if not settings.get("hflip", True):
         arguments.append("--no-flip")
