@@ -28,7 +28,7 @@ from torch import nn
 from linear_probe.crossval import FIXED, FoldPlan, plan_folds, pool_plan
 from linear_probe.embeddings import Embeddings, fingerprint_module, fingerprint_source
 from linear_probe.errors import EvaluationError
-from linear_probe.finetune import LR_GRID, evaluate_finetune
+from linear_probe.finetune import DEFAULT_LR, LR_GRID, evaluate_finetune
 from linear_probe.knn_choice import evaluate_knn_folds
 from linear_probe.inputs import (BASELINES, SEED_FREE_METHODS, EvaluationData, EvaluationSettings, build_feature_extractors,
                                  build_random_backbone, extract_feature_sets, open_evaluation_data)
@@ -167,7 +167,7 @@ def run_finetune(context: _Context, kind: str, labelled: SubsetSource, seed: int
 
 
 FIXED_SETTINGS = (f"kNN k={FIXED['knn_k']} T={FIXED['knn_temperature']}, logistic C={FIXED['C']:g}, "
-                  "the whole epoch budget for the linear probe and fine-tuning, fine-tuning at lr 0.05")
+                  f"the whole epoch budget for the linear probe and fine-tuning, fine-tuning at lr {DEFAULT_LR:g}")
 
 
 def describe_plan(plan: FoldPlan | None, method: str, settings: EvaluationSettings) -> dict:

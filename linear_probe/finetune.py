@@ -32,11 +32,10 @@ WEIGHT_DECAY = 5e-4
 DEFAULT_LR = 0.05
 """SGD learning rate where nothing can choose one (no validation labels: the ``fixed`` protocol)."""
 LR_GRID = (DEFAULT_LR, 0.01)
-"""Learning rates, in order of preference (ties and runs without validation take the first), fine-tuning chooses from on validation inside the label budget, for the
-pretrained network and the scratch baseline alike. One fixed rate favoured one side: on 136
-digits the full-width smallconv trained from scratch at 0.05 stopped at 22-54% (its validation
-peaked by epoch 6), and at 0.01 reached 95%, while the pretrained one wanted 0.05 (90% against
-75% at 0.01); the scratch baseline then made pretraining look 39 points ahead."""
+"""Learning rates fine-tuning chooses from on validation inside the label budget, for the
+pretrained network and the scratch baseline alike, in order of preference (ties, and runs with
+nothing to validate, take the first). One shared fixed rate can suit one network and collapse the
+other, which then misstates what pretraining bought (BENCHMARKS.md, "Your own images")."""
 
 
 def build_classifier(backbone: nn.Module, feature_dim: int, num_classes: int) -> nn.Sequential:
@@ -137,19 +136,17 @@ def evaluate_finetune(backbone: nn.Module, feature_dim: int, train_images, val_i
     folds = [(train_images, val_images)] if folds is None else folds
     if not folds or all(fold_val is None for _, fold_val in folds):
         rates = rates[:1]
-    trials = []  # per rate: (mean validation top-1, rate, fold best epochs, last fold's model, score, history, val_every)
+    trials = []  # per rate: (mean best validation top-1 over the folds, rate, fold best epochs, last fold's run)
     for rate in rates:
         best_epochs, val_scores, trained = [], [], None
         for fold_train, fold_val in folds:
-            trained = train(fold_train, fold_val, rate)
-            best_epochs.append(trained[2].best_epoch)
-            val_scores.append(trained[2].best_val_top1)
+            trained = model, score, history, val_every = train(fold_train, fold_val, rate)
+            best_epochs.append(history.best_epoch)
+            val_scores.append(history.best_val_top1)
             log.info("fine-tuning at lr %g: best validation top-1 %.1f%% at epoch %d of %d run (validated every %d)",
-                     rate, 100 * trained[2].best_val_top1, trained[2].best_epoch, len(trained[2].val_top1),
-                     trained[3])
+                     rate, 100 * history.best_val_top1, history.best_epoch, len(history.val_top1), val_every)
         trials.append((float(np.mean(val_scores)) if val_scores else None, rate, best_epochs, trained))
-    chosen_trial = max(trials, key=lambda trial: -1.0 if trial[0] is None else trial[0])  # first of the best
-    val_score, rate, best_epochs, trained = chosen_trial
+    val_score, rate, best_epochs, trained = max(trials, key=lambda trial: -1.0 if trial[0] is None else trial[0])
     chosen: dict = {"lr": rate}
     if len(rates) > 1:
         chosen["lr_validation"] = {f"{trial[1]:g}": trial[0] for trial in trials}

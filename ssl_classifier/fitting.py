@@ -32,7 +32,7 @@ from torch import nn
 
 from linear_probe.crossval import refit_epochs
 from linear_probe.embeddings import extract_embeddings
-from linear_probe.finetune import prepare_scoring, training_route
+from linear_probe.finetune import DEFAULT_LR, prepare_scoring, training_route
 from linear_probe.linear import Standardise, feature_batches
 from linear_probe.training import TrainingHistory, train_with_early_stopping, validation_interval
 from ssl_classifier.model import ImageClassifier
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 LINEAR_HEAD_DEFAULTS = {"epochs": 100, "lr": 0.1, "patience": 20}
 """The linear head's budget: MoCo v3's linear-probe learning rate on standardised features;
 100 epochs of a linear layer on cached features take seconds, early stopping ends most sooner."""
-FINETUNE_DEFAULTS = {"epochs": 30, "lr": 0.05, "patience": 10}
+FINETUNE_DEFAULTS = {"epochs": 30, "lr": DEFAULT_LR, "patience": 10}
 """Fine-tuning's budget from a random head: ``linear-probe``'s (``evaluate_finetune``), so that
 the report's fine-tuning rows are what ``ssl-finetune`` trains."""
 PROBE_HEAD_LR = 0.01

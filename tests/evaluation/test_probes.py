@@ -95,6 +95,27 @@ def test_finetuning_from_scratch_learns_the_digits_and_leaves_the_input_backbone
     assert all(torch.equal(tensor, backbone.state_dict()[name]) for name, tensor in before.items())
 
 
+def test_finetuning_chooses_its_learning_rate_on_validation_and_keeps_the_first_without_it():
+    backbone, feature_dim = build_backbone("smallconv", small_stem=True)
+    train_source, test_source = digits_source("train"), digits_source("test")
+    order = np.random.default_rng(1).permutation(len(train_source))
+    train, val = SubsetSource(train_source, order[:200]), SubsetSource(train_source, order[200:300])
+    test = SubsetSource(test_source, np.arange(100))
+    common = dict(epochs=2, batch_size=32, hflip=False)
+    # a rate too small to move the weights loses to one that learns, whichever comes first
+    chosen = evaluate_finetune(backbone, feature_dim, train, val, test, 10, 16, DIGITS_MEAN, DIGITS_STD,
+                               lr=(1e-7, 0.05), **common).chosen
+    assert chosen["lr"] == 0.05
+    assert set(chosen["lr_validation"]) == {"1e-07", "0.05"}
+    assert chosen["lr_validation"]["0.05"] > chosen["lr_validation"]["1e-07"]
+    # one rate: nothing to choose; no validation labels: the first rate of the grid, untried others
+    assert "lr_validation" not in evaluate_finetune(backbone, feature_dim, train, val, test, 10, 16, DIGITS_MEAN,
+                                                    DIGITS_STD, lr=0.01, **common).chosen
+    fixed = evaluate_finetune(backbone, feature_dim, train, None, test, 10, 16, DIGITS_MEAN, DIGITS_STD,
+                              lr=(0.05, 0.01), folds=[], **common).chosen
+    assert fixed["lr"] == 0.05 and "lr_validation" not in fixed
+
+
 def test_validation_interval_bounds_the_cost_of_scoring_and_keeps_five_scores():
     from linear_probe.training import validation_interval
 
