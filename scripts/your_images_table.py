@@ -28,7 +28,9 @@ def read_pretrain(log: Path) -> dict:
     run: dict = {"choices": dict(re.findall(r"^  ([\w.]+) = (\S+):", text, re.M))}
     survey = re.search(r"^recipe from the data.*?: ([\d,]+) images; \d+ sampled: (.*?); (cpu|cuda)", text, re.M)
     run["images"], run["survey"] = (survey.group(1), survey.group(2)) if survey else ("?", "?")
-    precision = re.search(r"^precision \w+: (.+?) on (?:cpu|cuda|mps)", text, re.M)
+    # "precision auto: fp32 on cpu (...)", or after a timing probe "precision auto: ...: bf16 autocast"
+    precision = (re.search(r"^precision \w+: (.+?) on (?:cpu|cuda|mps)", text, re.M)
+                 or re.search(r"^precision \w+: .*: (bf16 autocast|fp16 autocast|fp32)\s*$", text, re.M))
     run["precision"] = precision.group(1) if precision else "?"
     speeds = [float(v) for v in re.findall(r"^epoch \d+/\d+: loss \S+, ([\d.]+) images/s", text, re.M)]
     run["images_s"] = statistics.median(speeds) if speeds else None

@@ -163,7 +163,7 @@ def predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=("auto", "int8", "fp32"), default="auto",
                         help="auto: the int8 file where ssl-export --quantize int8 wrote one, else fp32")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, help="decoding processes (default: the machine's cores, at most 8)")
+    parser.add_argument("--workers", type=int, help="decoding threads (default: the machine's cores, at most 8)")
     parser.add_argument("--threads", type=int, help="inference threads (default: the runtime's own)")
     parser.add_argument("--device", default="cpu", help="torch runtime: cpu, cuda, cuda:1, mps, auto")
     parser.add_argument("--quiet", action="store_true")

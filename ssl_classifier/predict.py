@@ -8,8 +8,8 @@ One camera frame at a time: ``predict`` on a single ``(H, W, 3)`` uint8 array or
 reuses one input buffer and the runtime's session, and decodes a JPEG at reduced size where the
 input size allows (DCT scaling).
 
-Files are streamed: paths are decoded by worker processes a few batches ahead of the network, and each batch's rows are written
-before the next is read, so memory stays bounded by ``batch_size x prefetch`` images whatever the
+Files are streamed: paths are decoded by worker threads a few batches ahead of the network (Pillow's
+decoders and the runtimes release the GIL), and each batch's rows are written before the next is read, so memory stays bounded by ``batch_size x prefetch`` images whatever the
 number of files. An unreadable file becomes a row with its error, never a crash or a silent skip.
 """
 
@@ -19,7 +19,6 @@ import csv
 import json
 import logging
 import os
-import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -144,8 +143,7 @@ class Classifier:
 
     def _predict_items(self, items: Iterable[tuple[str, Any]], top_k: int, batch_size: int,
                        workers: int) -> Iterator[Prediction]:
-        fork = "openvino" not in sys.modules  # its thread pool does not survive a fork (_process_pool)
-        for names, pixels, errors in _prepared_batches(items, self.info.input_size, batch_size, workers, fork=fork):
+        for names, pixels, errors in _prepared_batches(items, self.info.input_size, batch_size, workers):
             probabilities = softmax(self.logits(_to_float(pixels))) if len(pixels) else None
             yield from _rows(names, probabilities, errors, self.classes, top_k)
 
@@ -156,15 +154,18 @@ def _name(image: Any, index: int) -> str:
 
 
 def _to_float(pixels: np.ndarray) -> np.ndarray:
-    """``(B, S, S, 3)`` uint8 -> ``(B, 3, S, S)`` float32 in [0, 1], for the whole batch at once."""
-    return pixels.transpose(0, 3, 1, 2).astype(np.float32) * np.float32(1.0 / 255.0)
+    """``(B, S, S, 3)`` uint8 -> contiguous ``(B, 3, S, S)`` float32 in [0, 1], in one pass."""
+    batch, size = pixels.shape[0], pixels.shape[1]
+    out = np.empty((batch, 3, size, pixels.shape[2]), dtype=np.float32)
+    np.multiply(pixels.transpose(0, 3, 1, 2), np.float32(1.0 / 255.0), out=out, casting="unsafe")
+    return out
 
 
 def _prepare_chunk(chunk: list[tuple[str, Any]], size: int):
     """``(names, (n_readable, S, S, 3) uint8, error or None per image)`` of one batch.
 
-    Module-level and uint8 so that worker processes can run it and send back a quarter of the
-    bytes a float batch would take.
+    uint8: a quarter of the memory a float batch would hold while it waits for the network
+    (converting in the decoding threads measured slower: BENCHMARKS.md, "Classifier latency").
     """
     names, pixels, errors = [], np.empty((len(chunk), size, size, 3), dtype=np.uint8), []
     count = 0
@@ -190,38 +191,34 @@ def _chunks(items: Iterable[tuple[str, Any]], size: int) -> Iterator[list[tuple[
         yield chunk
 
 
-def _process_pool(workers: int, fork: bool = True):
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    # fork: the workers start at once and inherit the imports; they run Pillow and NumPy only.
-    # Not after OpenVINO has started its thread pool (TBB), which a forked copy would inherit
-    # half-alive: forkserver starts the workers from a clean process instead.
-    methods = multiprocessing.get_all_start_methods()
-    method = "fork" if fork and "fork" in methods else "forkserver" if "forkserver" in methods else "spawn"
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
-
-
 def _prepared_batches(items: Iterable[tuple[str, Any]], size: int, batch_size: int, workers: int,
-                      prefetch: int = 2, fork: bool = True):
+                      prefetch: int = 2):
     """``_prepare_chunk`` of every batch, in order.
 
-    With ``workers``, batches are decoded by that many processes, up to ``workers + prefetch``
-    batches ahead of the network. Processes, not threads: opening a PNG is mostly Python code
-    in Pillow (chunk parsing), which holds the GIL, so threads gave no speed-up (BENCHMARKS.md,
-    "Classifier latency").
+    With ``workers``, batches are decoded by that many threads, up to ``workers + prefetch``
+    batches ahead of the network. Threads, not processes: Pillow's decoders and resizing release
+    the GIL, and so does the network, so decoding overlaps the forward; worker processes cost
+    the imports (torch: seconds) in every worker where they cannot fork (macOS, Windows, or after
+    OpenVINO has started its thread pool) and a copy of every batch (BENCHMARKS.md, "Classifier
+    latency").
     """
     if workers <= 0:
         yield from (_prepare_chunk(chunk, size) for chunk in _chunks(items, batch_size))
         return
-    with _process_pool(workers, fork) as pool:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="ssl-predict-decode") as pool:
         pending: deque = deque()
-        for chunk in _chunks(items, batch_size):
-            pending.append(pool.submit(_prepare_chunk, chunk, size))
-            if len(pending) > workers + prefetch:
+        try:
+            for chunk in _chunks(items, batch_size):
+                pending.append(pool.submit(_prepare_chunk, chunk, size))
+                if len(pending) > workers + prefetch:
+                    yield pending.popleft().result()
+            while pending:
                 yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        finally:  # stopped early (an error downstream, Ctrl-C): drop the batches not started
+            for future in pending:
+                future.cancel()
 
 
 def _rows(names, probabilities, errors, classes, top_k) -> Iterator[Prediction]:

@@ -172,6 +172,25 @@ def test_ssl_predict_writes_a_row_per_image_with_errors_for_unreadable_ones(line
     assert "3 unreadable" in capsys.readouterr().out
 
 
+def test_folder_prediction_decodes_in_threads_in_order_and_agrees_with_decoding_inline(linear_model, test_digit_files,
+                                                                                       tmp_path):
+    from ssl_classifier.predict import predict_files
+
+    folder = tmp_path / "inbox"
+    _write_messy_folder(folder, test_digit_files)
+    classifier = Classifier.load(linear_model, runtime="torch")
+    # batches of 4 over 23 files: six batches in flight across two decoding threads, bad files among them
+    threaded = predict_files(classifier, [str(folder)], tmp_path / "threads.csv", batch_size=4, workers=2, progress=False)
+    inline = predict_files(classifier, [str(folder)], tmp_path / "inline.csv", batch_size=4, workers=0, progress=False)
+    assert (threaded.images, threaded.errors) == (inline.images, inline.errors) == (23, 3)
+    rows, reference = (list(csv.DictReader((tmp_path / name).open())) for name in ("threads.csv", "inline.csv"))
+    assert [row["path"] for row in rows] == sorted(row["path"] for row in rows)  # the input order, kept
+    assert [(row["path"], row["label"], row["error"]) for row in rows] == [
+        (row["path"], row["label"], row["error"]) for row in reference]
+    assert np.allclose([float(row["probability"] or 0) for row in rows],
+                       [float(row["probability"] or 0) for row in reference], atol=1e-5)
+
+
 def test_ssl_predict_exit_status_is_one_only_when_nothing_could_be_read(linear_model, tmp_path, capsys):
     (tmp_path / "bad.png").write_bytes(b"nope")
     assert predict_main([str(tmp_path / "bad.png"), str(tmp_path / "missing.png"), "--model", str(linear_model),

@@ -274,6 +274,12 @@ def test_your_images_table_reads_the_runs_back(tmp_path, capsys):
     assert "logreg at 10%: +4.0 points vs the best baseline: met" in out
     assert "finetune at 10%: +1.0 points vs the best baseline: NOT met" in out
     assert "best ssl logreg 93.0 against the best baseline pixels knn 95.0 (-2.0)" in out
+    # a CPU where a timing probe chose the precision writes it after the probe's figures
+    probed = log.read_text().replace("precision auto: fp32 on cpu (AVX2)", "precision auto: AVX512-BF16 without AMX "
+                                     "is not clear-cut; fp32 471 images/s, bf16 1705 (cached in c): bf16 autocast")
+    (tmp_path / "native_digits.pretrain.log").write_text(probed)
+    assert _load("your_images_table").main([str(tmp_path)]) == 0
+    assert "| digits | native | 1,347 (8x8 px, grey, array 300) | 16 px, smallconv-s | bf16 autocast |" in capsys.readouterr().out
 
 
 def test_last_batch_benchmark_compares_both_cuts(random_checkpoint, digits_folders, capsys):
