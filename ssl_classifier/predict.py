@@ -9,8 +9,9 @@ reuses one input buffer and the runtime's session, and decodes a JPEG at reduced
 input size allows (DCT scaling).
 
 Files are streamed: paths are decoded by worker threads a few batches ahead of the network (Pillow's
-decoders and the runtimes release the GIL), and each batch's rows are written before the next is read, so memory stays bounded by ``batch_size x prefetch`` images whatever the
-number of files. An unreadable file becomes a row with its error, never a crash or a silent skip.
+decoders and the runtimes release the GIL), and each batch's rows are written before the next is
+read, so memory stays bounded by ``batch_size x (workers + prefetch)`` images whatever the number
+of files. An unreadable file becomes a row with its error, never a crash or a silent skip.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import logging
 import os
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,8 +207,6 @@ def _prepared_batches(items: Iterable[tuple[str, Any]], size: int, batch_size: i
     if workers <= 0:
         yield from (_prepare_chunk(chunk, size) for chunk in _chunks(items, batch_size))
         return
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(workers, thread_name_prefix="ssl-predict-decode") as pool:
         pending: deque = deque()
         try:
