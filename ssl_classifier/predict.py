@@ -21,8 +21,8 @@ import json
 import logging
 import os
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -157,8 +157,7 @@ def _name(image: Any, index: int) -> str:
 
 def _to_float(pixels: np.ndarray) -> np.ndarray:
     """``(B, S, S, 3)`` uint8 -> contiguous ``(B, 3, S, S)`` float32 in [0, 1], in one pass."""
-    batch, size = pixels.shape[0], pixels.shape[1]
-    out = np.empty((batch, 3, size, pixels.shape[2]), dtype=np.float32)
+    out = np.empty((pixels.shape[0], 3, *pixels.shape[1:3]), dtype=np.float32)
     np.multiply(pixels.transpose(0, 3, 1, 2), np.float32(1.0 / 255.0), out=out, casting="unsafe")
     return out
 
@@ -207,18 +206,16 @@ def _prepared_batches(items: Iterable[tuple[str, Any]], size: int, batch_size: i
     if workers <= 0:
         yield from (_prepare_chunk(chunk, size) for chunk in _chunks(items, batch_size))
         return
-    with ThreadPoolExecutor(workers, thread_name_prefix="ssl-predict-decode") as pool:
-        pending: deque = deque()
-        try:
-            for chunk in _chunks(items, batch_size):
-                pending.append(pool.submit(_prepare_chunk, chunk, size))
-                if len(pending) > workers + prefetch:
-                    yield pending.popleft().result()
-            while pending:
+    pool, pending = ThreadPoolExecutor(workers, thread_name_prefix="ssl-predict-decode"), deque()
+    try:
+        for chunk in _chunks(items, batch_size):
+            pending.append(pool.submit(_prepare_chunk, chunk, size))
+            if len(pending) > workers + prefetch:
                 yield pending.popleft().result()
-        finally:  # stopped early (an error downstream, Ctrl-C): drop the batches not started
-            for future in pending:
-                future.cancel()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # also when stopped early (an error downstream, Ctrl-C): batches not started are dropped
+        pool.shutdown(cancel_futures=True)
 
 
 def _rows(names, probabilities, errors, classes, top_k) -> Iterator[Prediction]:
