@@ -91,6 +91,19 @@ def test_latency_benchmark_script_has_every_runtime_the_frame_row_and_the_folder
     assert "quiet machine" in table or "NOT QUIET" in table
 
 
+@pytest.mark.slow  # it trains a head and predicts a folder seven ways
+def test_folder_decoding_benchmark_compares_threads_processes_and_inline(capsys):
+    assert _load("bench_folder_decoding").main(["--models", "smallconv32", "--files", "40", "--rounds", "1",
+                                                "--workers", "1,2", "--runtimes", "torch"]) == 0
+    table = capsys.readouterr().out
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()
+            if line.startswith("| torch fp32 |")]
+    assert [(row[1], row[2]) for row in rows] == [("inline", "0"), ("threads", "1"), ("processes", "1"),
+                                                  ("threads", "2"), ("processes", "2")]
+    assert all(float(row[3]) > 0 and float(row[4]) > 0 and row[5].endswith("x") for row in rows)
+    assert "40 PNG files of 32 px" in table and "one core decodes a file in" in table
+
+
 def test_digits_to_folder_writes_class_folders_and_a_label_list(tmp_path, capsys):
     script = _load("digits_to_folder")
     assert script.main(["--out", str(tmp_path / "digits"), "--split", "test", "--csv", str(tmp_path / "l.csv")]) == 0
