@@ -75,11 +75,19 @@ def cpu_amx() -> bool:
 
 
 def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+    """The CPU's model name with its family and model numbers (``/proc/cpuinfo``: a cloud VM's
+    "AMD EPYC" alone does not tell a Zen 3 from a Zen 5); ``platform.processor()`` elsewhere."""
     try:
+        fields: dict[str, str] = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if not key.strip() and fields:
+                break  # the first processor's block is enough
+            fields.setdefault(key.strip(), value.strip())
+        if "model name" in fields:
+            numbers = (f" (family {fields['cpu family']} model {fields['model']})"
+                       if "cpu family" in fields and "model" in fields else "")
+            return fields["model name"] + numbers
     except OSError:
         pass
     return platform.processor() or platform.machine()
@@ -177,7 +185,17 @@ def describe_cpu() -> str:
     cap = onednn_isa_cap()
     capability = torch.backends.cpu.get_cpu_capability()
     native = "native bf16" if cpu_bf16_native() else "no native bf16"
-    return f"{capability}, {native}" + (f" (oneDNN held to {cap})" if cap else "")
+    masked = cpuid_mask()
+    return (f"{capability}, {native}" + (f" (oneDNN held to {cap})" if cap else "")
+            + (f", CPUID masked to {masked} for every library" if masked else ""))
+
+
+def cpuid_mask() -> str | None:
+    """The instruction set ``scripts/avx2_only/run.sh`` holds this process to (its library
+    preloaded: CPUID itself answers without AVX-512, VNNI, AMX), or None."""
+    if "avx2_only" in os.environ.get("LD_PRELOAD", ""):
+        return os.environ.get("SSL_CPUID_MASK", "AVX2")
+    return None
 
 
 def resolve_precision(precision: str, device: torch.device,
