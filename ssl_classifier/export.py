@@ -23,8 +23,8 @@ import torch
 
 from ssl_classifier.model import (ONNX_FILE, ONNX_INT8_FILE, TORCHSCRIPT_FILE, ClassifierError, load_network,
                                   read_info, resolve_model_dir)
-from ssl_classifier.quantize import (MAX_ACCURACY_DROP, QuantizationCheck, calibration_batches, check_int8,
-                                     default_calibration_source, default_check_source, quantize_onnx)
+from ssl_classifier.quantize import (MAX_ACCURACY_DROP, QuantizationCheck, calibration_batches,
+                                     default_calibration_source, default_check_source, quantize_checked)
 from ssl_pretrain.checkpoint import atomic_write
 
 log = logging.getLogger(__name__)
@@ -139,8 +139,7 @@ def _export_int8(fp32_path: Path, target: Path, info, calibration: str | None, c
     batches, skipped_calibration = calibration_batches(calibration_spec, info.input_size)
     with tempfile.TemporaryDirectory(dir=target.parent if target.parent.is_dir() else None) as folder:
         candidate = Path(folder) / target.name
-        quantize_onnx(fp32_path, candidate, batches)
-        check, skipped_check = check_int8(fp32_path, candidate, info, check_spec)
+        check, skipped_check = quantize_checked(fp32_path, candidate, batches, info, check_spec)
         check.calibration_images, check.skipped = len(batches), skipped_calibration + skipped_check
         if check.skipped:
             log.warning("int8 export: %d unreadable image(s) skipped (calibration %d, check %d)",

@@ -1,13 +1,23 @@
 """An exported ONNX classifier -> int8 (``ssl-export --format onnx --quantize int8``).
 
 Static quantisation with onnxruntime's tools (``onnxruntime.quantization.quantize_static``):
-QDQ format, weights as signed int8 per output channel, activations as unsigned int8 with ranges
-calibrated (min/max) on a few hundred of the user's own images. The linear head (the graph's
-``Gemm``/``MatMul``) stays in float: it is a sliver of the compute, and a head reading small
-differences between features loses whole classes to int8 rounding (BENCHMARKS.md, "Classifier
-latency"). The result is then checked, not
-trusted: the fp32 and the int8 file both classify held-out labelled images, and the int8 file is
-kept only when its top-1 and balanced accuracy are within ``MAX_ACCURACY_DROP`` of fp32's.
+QDQ format, weights as signed int8 per output channel in 7 bits (``reduce_range``), activations
+as unsigned int8 with ranges calibrated (min/max) on a few hundred of the user's own images. The
+linear head (the graph's ``Gemm``/``MatMul``) stays in float: it is a sliver of the compute, and
+a head reading small differences between features loses whole classes to int8 rounding
+(BENCHMARKS.md, "Classifier latency").
+
+7-bit weights: on CPUs without VNNI (AVX2 only) the int8 kernels multiply u8 x s8 pairs into
+16-bit sums (``vpmaddubsw``), which saturate with full-range weights; the same file then
+classifies worse there than on the CPU it was checked on. With 7-bit weights no pair sum can
+saturate, so the accuracy checked at export holds on every CPU (onnxruntime's advice for non-VNNI
+machines; measured in BENCHMARKS.md).
+
+The result is then checked, not trusted: the fp32 and the int8 file both classify held-out
+labelled images, and the int8 file is kept only when its top-1 and balanced accuracy are within
+``MAX_ACCURACY_DROP`` of fp32's. A file that misses is quantised again, first with percentile
+ranges, then with the first convolution (the stem, which reads the raw pixels) kept in float,
+each checked in turn (``quantize_checked``, ``RECIPES``).
 
 Any ONNX runtime reads the file (onnxruntime, OpenVINO); what int8 buys depends on the CPU's
 integer instructions (VNNI, AMX): see BENCHMARKS.md, "Classifier latency".
@@ -49,6 +59,7 @@ class QuantizationCheck:
     agreement: float  # share of images where both files give the same label
     calibration_images: int
     skipped: int  # unreadable files among the calibration and check images
+    recipe: str = ""  # which of RECIPES made the file ("": the first, every convolution int8, min/max ranges)
 
     def acceptable(self) -> bool:
         return (self.top1_fp32 - self.top1_int8 <= MAX_ACCURACY_DROP
@@ -56,7 +67,8 @@ class QuantizationCheck:
 
     def describe(self) -> str:
         return (f"top-1 {100 * self.top1_fp32:.1f}% fp32 vs {100 * self.top1_int8:.1f}% int8, balanced accuracy "
-                f"{100 * self.balanced_fp32:.1f}% vs {100 * self.balanced_int8:.1f}% on {self.images} held-out images")
+                f"{100 * self.balanced_fp32:.1f}% vs {100 * self.balanced_int8:.1f}% on {self.images} held-out images"
+                + (f" ({self.recipe})" if self.recipe else ""))
 
 
 def _spread(count: int, limit: int) -> np.ndarray:
@@ -105,8 +117,11 @@ class _Reader:
         pass
 
 
-def quantize_onnx(fp32_path: Path, int8_path: Path, batches: list[np.ndarray]) -> None:
-    """Write the int8 QDQ version of ``fp32_path`` to ``int8_path``, calibrated on ``batches``."""
+def quantize_onnx(fp32_path: Path, int8_path: Path, batches: list[np.ndarray], float_stem: bool = False,
+                  overrides: dict | None = None) -> None:
+    """Write the int8 QDQ version of ``fp32_path`` to ``int8_path``, calibrated on ``batches``
+    (``float_stem``: the graph's first convolution stays in float too; ``overrides``: other
+    ``quantize_static`` settings, for ``scripts/bench_int8_recipes.py`` to compare recipes)."""
     try:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -120,11 +135,47 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, batches: list[np.ndarray]) -
         # shape inference and graph clean-up first, as onnxruntime recommends before quantising
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         graph = onnx.load(str(prepared)).graph
-        head = [node.name for node in graph.node if node.op_type in ("Gemm", "MatMul")]
-        quantize_static(str(prepared), str(int8_path), _Reader(graph.input[0].name, batches),
-                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                        nodes_to_exclude=head)
+        in_float = [node.name for node in graph.node if node.op_type in ("Gemm", "MatMul")]
+        if float_stem:
+            in_float += [node.name for node in graph.node if node.op_type == "Conv"][:1]
+        settings = dict(quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=in_float)
+        settings.update(overrides or {})
+        quantize_static(str(prepared), str(int8_path), _Reader(graph.input[0].name, batches), **settings)
+
+
+RECIPES = (
+    ("", {}),
+    ("percentile ranges", {"overrides": {"calibrate_method": "Percentile"}}),
+    ("stem convolution in float", {"float_stem": True}),
+)
+"""``quantize_checked``'s tries, in order of the file's speed: every convolution int8 with min/max
+ranges; the same with ranges at the 99.999th percentile (outliers no longer stretch the scale);
+the stem convolution in float (BENCHMARKS.md, "AVX2 only, and int8 with 7-bit weights")."""
+
+
+def quantize_checked(fp32_path: Path, int8_path: Path, batches: list[np.ndarray], info: ClassifierInfo,
+                     check_spec: str) -> tuple[QuantizationCheck, int]:
+    """Quantise ``fp32_path`` into ``int8_path`` and check it on ``check_spec``; a file that loses
+    more than ``MAX_ACCURACY_DROP`` is made again with the next of ``RECIPES`` and checked again.
+    ``(check of the file left in int8_path, unreadable check images)``; the caller decides what a
+    check that still fails means (``ssl-export`` refuses the file)."""
+    from onnxruntime.quantization import CalibrationMethod
+
+    for attempt, (recipe, options) in enumerate(RECIPES):
+        options = dict(options)
+        if "overrides" in options:
+            options["overrides"] = {key: getattr(CalibrationMethod, value) if key == "calibrate_method" else value
+                                    for key, value in options["overrides"].items()}
+        quantize_onnx(fp32_path, int8_path, batches, **options)
+        check, skipped = check_int8(fp32_path, int8_path, info, check_spec)
+        check.recipe = recipe
+        if check.acceptable():
+            break
+        if attempt + 1 < len(RECIPES):
+            log.info("int8 (%s): %s; again with %s", recipe or "min/max ranges", check.describe(), RECIPES[attempt + 1][0])
+    return check, skipped
 
 
 def _logits(path: Path, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:

@@ -46,6 +46,53 @@ def test_int8_keeps_accuracy_within_a_point_and_is_what_auto_loads(int8_model, t
     assert Classifier.load(int8_model, runtime="torch", precision="fp32").runtime == "torch"  # still there
 
 
+def _conv_weights(path):
+    """``[(int8 weights or None where float) of each Conv, in graph order]``."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    producers = {output: node for node in graph.node for output in node.output}
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    weights = []
+    for conv in (node for node in graph.node if node.op_type == "Conv"):
+        source = producers.get(conv.input[1])
+        quantized = source is not None and source.op_type == "DequantizeLinear"
+        weights.append(numpy_helper.to_array(initializers[source.input[0]]) if quantized else None)
+    return weights
+
+
+def test_every_convolution_is_int8_with_7_bit_weights(int8_model):
+    """7 bits: u8 x s8 pair sums cannot saturate the 16-bit adds of CPUs without VNNI."""
+    weights = _conv_weights(int8_model / ONNX_INT8_FILE)
+    assert weights and all(w is not None and w.dtype == np.int8 for w in weights)
+    assert max(int(np.abs(w.astype(np.int16)).max()) for w in weights) <= 64
+
+
+@pytest.mark.parametrize("misses", [1, 2])
+def test_a_file_that_misses_the_check_is_made_again_with_the_next_recipe(linear_model, tmp_path, monkeypatch, misses):
+    model = tmp_path / "model"
+    shutil.copytree(linear_model, model)
+    real, checks = quantize.check_int8, []
+
+    def first_ones_miss(*args, **kwargs):
+        check, skipped = real(*args, **kwargs)
+        if len(checks) < misses:
+            check.top1_int8 = check.top1_fp32 - 0.5
+        checks.append(check)
+        return check, skipped
+
+    monkeypatch.setattr(quantize, "check_int8", first_ones_miss)
+    assert export_main(["--model", str(model), "--quantize", "int8", "--quiet"]) == 0
+    assert len(checks) == misses + 1
+    weights = _conv_weights(model / ONNX_INT8_FILE)
+    if misses == 1:  # percentile ranges, every convolution still int8
+        assert checks[-1].recipe == "percentile ranges" and all(w is not None for w in weights)
+    else:
+        assert checks[-1].recipe == "stem convolution in float" and "(stem convolution in float)" in checks[-1].describe()
+        assert weights[0] is None and all(w is not None for w in weights[1:])
+
+
 def test_calibration_folder_with_bad_files_skips_and_counts_them(linear_model, tmp_path, caplog):
     model = tmp_path / "model"
     shutil.copytree(linear_model, model)

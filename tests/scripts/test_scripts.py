@@ -304,3 +304,14 @@ def test_last_batch_benchmark_compares_both_cuts(random_checkpoint, digits_folde
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 66 |")]
     assert [line.split("|")[3].strip() for line in lines] == ["scratch", "ssl"]
     assert all(0 <= float(line.split("|")[-2]) <= 100 for line in lines)
+
+
+@pytest.mark.slow  # it trains a head and quantises five ways
+def test_int8_recipes_benchmark_scores_every_recipe_in_every_runtime(capsys):
+    pytest.importorskip("onnxruntime")
+    assert _load("bench_int8_recipes").main(["--model", "smallconv32", "--calls", "3", "--recipes", "8-bit,7-bit"]) == 0
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "fp32", "8-bit weights", "7-bit weights (ssl-export)", "7-bit weights, stem convolution in float (ssl-export's third try)"]
+    assert all(row.split("|")[2].strip().endswith("%") for row in rows)
