@@ -46,7 +46,7 @@ class ClassifierInfo:
     Attributes:
         classes: class names; logit ``i`` is ``classes[i]``.
         architecture, small_stem, feature_dim: the backbone (``ssl_pretrain.models.backbones``).
-        input_size: side of the square input; images are resized (short side, bicubic) and
+        input_size: side of the square input; images are resized (short side, antialiased bicubic) and
             centre-cropped to it.
         mean, std: the normalisation the network applies to its [0, 1] input.
         mode: ``linear`` (frozen backbone + head) or ``finetune`` (whole network trained).
@@ -70,7 +70,7 @@ class ClassifierInfo:
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     input: str = "RGB, float32 in [0, 1], shape (batch, 3, input_size, input_size); normalised inside the network"
-    preprocess: str = "resize the short side to input_size (bicubic), centre-crop to input_size x input_size"
+    preprocess: str = "resize the short side to input_size (antialiased bicubic), centre-crop to input_size x input_size"
 
     @property
     def num_classes(self) -> int:

@@ -136,7 +136,7 @@ class Classifier:
         size allows."""
         size = self.info.input_size
         try:
-            pixels = np.asarray(resize_and_crop(as_pil(frame, min_side=size), size), dtype=np.uint8)
+            pixels = resize_and_crop(as_pil(frame, min_side=size), size)
         except UnreadableImage as error:
             return Prediction(_name(frame, 0), error=str(error) or "unreadable")
         np.multiply(pixels.transpose(2, 0, 1), np.float32(1.0 / 255.0), out=self._frame[0], casting="unsafe")
@@ -173,7 +173,7 @@ def _prepare_chunk(chunk: list[tuple[str, Any]], size: int):
     for name, image in chunk:
         names.append(name)
         try:
-            pixels[count] = np.asarray(resize_and_crop(as_pil(image, min_side=size), size), dtype=np.uint8)
+            pixels[count] = resize_and_crop(as_pil(image, min_side=size), size)
             count += 1
             errors.append(None)
         except UnreadableImage as error:

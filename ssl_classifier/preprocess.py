@@ -1,9 +1,8 @@
-"""Any image -> the classifier's input, with Pillow and NumPy only (no torch needed, so the
-ONNX runtime path runs without it).
+"""Any image -> the classifier's input.
 
-The geometry is torchvision's evaluation transform, restated: resize the short side to
-``input_size`` (bicubic), then centre-crop; ``ssl_pretrain.augment.transforms.EvalTransform`` does the same
-with torchvision, and a test checks that both give the same pixels.
+Decoding (reduced-size JPEG decoding for camera frames) is Pillow's; the geometry is
+``ssl_pretrain.data.resize.resize_and_crop``, the one evaluation's ``EvalTransform`` uses, so a
+prediction sees the pixels evaluation saw (a test checks that both give the same input).
 """
 
 from __future__ import annotations
@@ -16,27 +15,12 @@ from PIL import Image
 
 from ssl_pretrain.data import DEFAULT_MAX_PIXELS, UnreadableImage, load_image, to_rgb
 from ssl_pretrain.data.images import decode_image_bytes
-
-
-def resize_and_crop(image: Image.Image, size: int) -> Image.Image:
-    """Short side to ``size`` (bicubic), then the centre ``size x size`` (torchvision's
-    ``Resize(size)`` + ``CenterCrop(size)`` on a PIL image: same rounding)."""
-    width, height = image.size
-    if (width, height) == (size, size):
-        return image
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = size, int(size * long / short)
-    new_width, new_height = (new_short, new_long) if width <= height else (new_long, new_short)
-    if (new_width, new_height) != (width, height):
-        image = image.resize((new_width, new_height), Image.BICUBIC)
-    top = int(round((new_height - size) / 2.0))
-    left = int(round((new_width - size) / 2.0))
-    return image.crop((left, top, left + size, top + size))
+from ssl_pretrain.data.resize import resize_and_crop
 
 
 def to_input(image: Image.Image, size: int) -> np.ndarray:
     """An RGB PIL image -> ``(3, size, size)`` float32 in [0, 1]."""
-    pixels = np.asarray(resize_and_crop(image, size), dtype=np.uint8)
+    pixels = resize_and_crop(image, size)
     return pixels.transpose(2, 0, 1).astype(np.float32) * np.float32(1.0 / 255.0)
 
 

@@ -6,7 +6,9 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 from lightly.transforms import SimCLRTransform
+from PIL import Image
 
+from ssl_pretrain.data.resize import resize_and_crop
 from ssl_pretrain.settings import AugmentConfig
 
 
@@ -28,8 +30,22 @@ def build_view_transform(cfg: AugmentConfig) -> SimCLRTransform:
     )
 
 
+class ResizeAndCrop:
+    """PIL image -> PIL image: the short side to ``size``, the centre ``size x size``
+    (``ssl_pretrain.data.resize.resize_and_crop``, which the classifier's ``predict`` uses too)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return Image.fromarray(resize_and_crop(image, self.size))
+
+    def __repr__(self) -> str:
+        return f"ResizeAndCrop(size={self.size}, antialiased bicubic)"
+
+
 class EvalTransform(T.Compose):
-    """Resize the short side (bicubic), centre-crop, to tensor, normalise - as a torchvision
+    """Resize the short side (antialiased bicubic), centre-crop, to tensor, normalise - as a torchvision
     ``Compose``, and split in two for batch pipelines:
 
     * ``to_uint8(image)``: the per-image part, ``(H, W, 3)`` uint8 (no resampling when the image
@@ -42,14 +58,11 @@ class EvalTransform(T.Compose):
 
     def __init__(self, input_size: int, mean, std):
         self.input_size, self.mean, self.std = input_size, tuple(mean), tuple(std)
-        self.geometry = T.Compose([T.Resize(input_size, interpolation=T.InterpolationMode.BICUBIC),
-                                   T.CenterCrop(input_size)])
+        self.geometry = ResizeAndCrop(input_size)
         super().__init__([self.geometry, T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))])
 
     def to_uint8(self, image) -> torch.Tensor:
-        if image.size != (self.input_size, self.input_size):
-            image = self.geometry(image)
-        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+        return torch.from_numpy(np.array(resize_and_crop(image, self.input_size)))
 
     def normalise(self, batch: torch.Tensor) -> torch.Tensor:
         # channel-first uint8 copy (a quarter of the bytes), then one fused multiply-add:

@@ -60,7 +60,7 @@ def test_predict_takes_pil_images_arrays_tensors_and_paths_alike(linear_model, t
     assert classifier.predict_proba([image]).sum() == pytest.approx(1.0)
 
 
-def test_preprocessing_without_torch_equals_the_evaluation_transform():
+def test_the_classifiers_input_is_the_evaluation_transforms():
     transform = build_eval_transform(24, (0, 0, 0), (1, 1, 1))
     rng = np.random.default_rng(0)
     for size in ((8, 8), (40, 30), (31, 57), (24, 24), (100, 13)):
@@ -83,7 +83,8 @@ def test_the_saved_network_gives_the_classifiers_logits(linear_model, test_digit
     batch = np.stack([to_input(image, info.input_size) for image in images])
     with torch.no_grad():
         reference = network(torch.from_numpy(batch)).numpy()
-    np.testing.assert_allclose(Classifier.load(linear_model).logits(batch), reference, atol=1e-5)
+    # the classifier runs channels-last: another summation order, float32 rounding apart
+    np.testing.assert_allclose(Classifier.load(linear_model).logits(batch), reference, rtol=1e-5, atol=1e-4)
 
 
 def test_finetune_mode_trains_the_backbone_with_a_label_budget(backbone_run, tmp_path, capsys):

@@ -315,3 +315,13 @@ def test_int8_recipes_benchmark_scores_every_recipe_in_every_runtime(capsys):
     assert [row.split("|")[1].strip() for row in rows] == [
         "fp32", "8-bit weights", "7-bit weights (ssl-export)", "7-bit weights, stem convolution in float (ssl-export's third try)"]
     assert all(row.split("|")[2].strip().endswith("%") for row in rows)
+
+
+@pytest.mark.slow  # it trains a head and times a few frames
+def test_frame_stages_benchmark_times_every_stage(capsys):
+    pytest.importorskip("onnxruntime")
+    assert _load("bench_frame_stages").main(["--model", "smallconv32", "--frames", "5", "--rounds", "1"]) == 0
+    table = capsys.readouterr().out
+    for stage in ("| decode (as_pil", "| resize and crop", "| network, between frames", "| network alone, hot loop",
+                  "| predict_frame, whole"):
+        assert stage in table
