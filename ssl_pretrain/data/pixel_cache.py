@@ -31,17 +31,17 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2.functional import resize
 from tqdm import tqdm
 
 from ssl_pretrain.data.images import ImageSource, UnreadableImage
+from ssl_pretrain.data.resize import resize_pixels
 from ssl_pretrain.data.sources import FileSource, ReducedLoader, SubsetSource
 
 log = logging.getLogger("ssl_pretrain")
 
-CACHE_FORMAT = 1
-"""Bumped when what a cache file holds changes (resampling, framing): old files are then unused."""
+CACHE_FORMAT = 2
+"""Bumped when what a cache file holds changes (resampling, framing): old files are then unused.
+2: the resize is the uint8 kernel evaluation uses (``data.resize``), within 2 levels of Pillow."""
 MIN_STORAGE_SIDE = 64
 """Small inputs (CIFAR's 32 px) are stored at this side at least: a 0.08-area crop of a 37 px
 image would be a 10 px patch blown up to 32, of a 64 px one an 18 px patch, for 12 KB an image."""
@@ -68,19 +68,15 @@ def pixel_cache_dir() -> Path:
 
 def fit_square(image: Image.Image, side: int) -> np.ndarray:
     """An RGB image -> ``(side, side, 3)`` uint8: its centre square (the shorter side's length)
-    resized to ``side`` - antialiased bicubic, Pillow's filter, computed in torch: two to three
-    times faster than Pillow's for 224-px training, where most photos are scaled up or a little
-    down (scripts/bench_decode.py)."""
+    resized to ``side`` - antialiased bicubic, with the uint8 kernel evaluation's resize uses
+    (``data.resize.resize_pixels``: Pillow's filter to within 2 levels, faster than Pillow's;
+    scripts/bench_decode.py times it)."""
     pixels = np.array(image, dtype=np.uint8)  # a writable copy: torch takes no read-only arrays
     height, width = pixels.shape[:2]
     short = min(height, width)
     top, left = (height - short) // 2, (width - short) // 2
-    pixels = pixels[top : top + short, left : left + short]
-    if short == side:
-        return np.ascontiguousarray(pixels)
-    square = torch.from_numpy(pixels).permute(2, 0, 1)
-    resized = resize(square, [side, side], InterpolationMode.BICUBIC, antialias=True)
-    return resized.permute(1, 2, 0).numpy()
+    square = np.ascontiguousarray(pixels[top : top + short, left : left + short])  # channels-last for the kernel
+    return np.ascontiguousarray(resize_pixels(square, side, side))  # the kernel may hand back planes
 
 
 class _FitDecoder:

@@ -7,6 +7,7 @@ import torchvision.transforms as T
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from ssl_pretrain.data.pixel_cache import fit_square
 from ssl_pretrain.data.resize import resize_and_crop
 
 
@@ -49,3 +50,17 @@ def test_geometry_follows_torchvision_rounding_and_modes():
     assert resize_and_crop(Image.new("RGBA", (40, 30)), 24).shape == (24, 24, 4)
     same = np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)
     np.testing.assert_array_equal(resize_and_crop(same, 24), same)  # the input size: untouched
+
+
+@pytest.mark.parametrize("width, height, side", [(240, 240, 224), (100, 100, 256), (500, 380, 256), (64, 80, 73)])
+def test_the_pixel_cache_resizes_with_the_same_kernel(width, height, side):
+    """``fit_square`` (the pixel cache's centre square) on fine detail: noise, where torchvision's
+    functional resize of a (C, H, W) uint8 tensor strays ~20 levels from Pillow."""
+    noise = np.random.default_rng(width + height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    short = min(width, height)
+    top, left = (height - short) // 2, (width - short) // 2
+    square = Image.fromarray(noise[top:top + short, left:left + short])
+    reference = np.asarray(square.resize((side, side), Image.BICUBIC), dtype=np.int16)
+    ours = fit_square(Image.fromarray(noise), side)
+    assert ours.shape == (side, side, 3) and ours.dtype == np.uint8 and ours.flags.c_contiguous
+    assert np.abs(ours.astype(np.int16) - reference).max() <= 2
