@@ -80,7 +80,7 @@ def test_extract_benchmark_script(digits_folder, capsys):
 def test_latency_benchmark_script_has_every_runtime_the_frame_row_and_the_folder_row(capsys):
     pytest.importorskip("onnxruntime")
     assert _load("bench_latency").main(["--models", "smallconv32", "--repeats", "3", "--rounds", "2",
-                                        "--batch", "8", "--frames", "12", "--folder", "40"]) == 0
+                                        "--batch", "8", "--frames", "12", "--folder", "40", "--folder-rounds", "2"]) == 0
     table = capsys.readouterr().out
     rows = [line.split("|") for line in table.splitlines() if line.startswith("| smallconv32 |")]
     runtimes = [row[2].strip() for row in rows]
@@ -88,6 +88,9 @@ def test_latency_benchmark_script_has_every_runtime_the_frame_row_and_the_folder
     assert {"onnxruntime fp32", "onnxruntime int8"} <= set(runtimes)
     assert all(row[-2].strip().endswith("%") for row in rows[:len(runtimes) - 1])  # a top-1 figure per runtime
     assert "End to end, one frame: 640 x 480 JPEG bytes" in table and "ssl-predict over 40 PNG files" in table
+    assert "median of 2 rounds" in table and "| torch fp32 |" in table
+    folder_rows = [line.split("|") for line in table.splitlines() if line.startswith("| torch fp32 |")]
+    assert len(folder_rows[0][-2].split(" / ")) == 2  # every round's ratio beside the median one
     assert "quiet machine" in table or "NOT QUIET" in table
 
 
