@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from ssl_classifier.model import (ONNX_FILE, ONNX_INT8_FILE, TORCHSCRIPT_FILE, ClassifierError, load_network,
-                                  read_info, resolve_model_dir)
+                                  resolve_model_dir)
 from ssl_classifier.quantize import (MAX_ACCURACY_DROP, QuantizationCheck, calibration_batches,
-                                     default_calibration_source, default_check_source, quantize_checked)
+                                     default_calibration_source, default_check_source, open_check_images,
+                                     quantize_checked)
 from ssl_pretrain.checkpoint import atomic_write
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,11 @@ def export_classifier(model_dir: str | Path, fmt: str = "onnx", out: str | Path 
     model_dir = resolve_model_dir(model_dir)
     network, info = load_network(model_dir)
     network = network.float().eval()
+    if quantize:  # what int8 needs is checked and decoded first: a missing or wrong folder fails before any export
+        check_spec = check_data or default_check_source(info)
+        open_check_images(check_spec, info)
+        calibration = calibration or default_calibration_source(info)
+        prepared = calibration_batches(calibration, info.input_size)
     inputs = _check_batch(info.input_size)
     default = model_dir / (ONNX_FILE if fmt == "onnx" else TORCHSCRIPT_FILE)
     path = Path(out) if out and not quantize else default
@@ -127,16 +133,15 @@ def export_classifier(model_dir: str | Path, fmt: str = "onnx", out: str | Path 
     result = ExportResult(path, fmt, diff)
     if quantize:
         target = Path(out) if out else model_dir / ONNX_INT8_FILE
-        result.int8_path, result.int8_check = target, _export_int8(path, target, read_info(model_dir),
-                                                                   calibration, check_data)
+        result.int8_path, result.int8_check = target, _export_int8(path, target, info, calibration, prepared,
+                                                                   check_spec)
     return result
 
 
-def _export_int8(fp32_path: Path, target: Path, info, calibration: str | None, check_data: str | None):
+def _export_int8(fp32_path: Path, target: Path, info, calibration_spec: str, prepared: tuple[list, int],
+                 check_spec: str):
     """Quantise, check against fp32, and only then move the int8 file into place."""
-    check_spec = check_data or default_check_source(info)
-    calibration_spec = calibration or default_calibration_source(info)
-    batches, skipped_calibration = calibration_batches(calibration_spec, info.input_size)
+    batches, skipped_calibration = prepared
     with tempfile.TemporaryDirectory(dir=target.parent if target.parent.is_dir() else None) as folder:
         candidate = Path(folder) / target.name
         check, skipped_check = quantize_checked(fp32_path, candidate, batches, info, check_spec)

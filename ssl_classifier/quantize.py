@@ -187,6 +187,24 @@ def _logits(path: Path, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
                            for start in range(0, len(inputs), batch_size)])
 
 
+def open_check_images(spec: str, info: ClassifierInfo):
+    """``(source, labels, source class index -> classifier class index)`` of the labelled images
+    ``spec``; cheap (lists, decodes nothing), so ``ssl-export`` calls it before any work.
+
+    Raises:
+        ClassifierError: a source that cannot be opened, has no labels, or labels the classifier does not know.
+    """
+    source = _open(spec, "check", labelled=True)
+    labels = getattr(source, "labels", None)
+    if labels is None:
+        raise ClassifierError(f"check images: {spec} has no labels (a folder with a subfolder per class, or a path,label list)")
+    names = list(source.classes)
+    unknown = sorted(set(names) - set(info.classes))
+    if unknown:
+        raise ClassifierError(f"check images: classes {', '.join(unknown[:8])} are not the classifier's")
+    return source, labels, np.array([info.classes.index(name) for name in names])
+
+
 def check_int8(fp32_path: Path, int8_path: Path, info: ClassifierInfo, spec: str,
                limit: int = CHECK_IMAGES) -> tuple[QuantizationCheck, int]:
     """Score both files on the labelled images of ``spec``; ``(check, skipped)``.
@@ -196,15 +214,7 @@ def check_int8(fp32_path: Path, int8_path: Path, info: ClassifierInfo, spec: str
     """
     from sklearn.metrics import balanced_accuracy_score
 
-    source = _open(spec, "check", labelled=True)
-    labels = getattr(source, "labels", None)
-    if labels is None:
-        raise ClassifierError(f"check images: {spec} has no labels (a folder with a subfolder per class, or a path,label list)")
-    names = list(source.classes)
-    unknown = sorted(set(names) - set(info.classes))
-    if unknown:
-        raise ClassifierError(f"check images: classes {', '.join(unknown[:8])} are not the classifier's")
-    to_model = np.array([info.classes.index(name) for name in names])
+    source, labels, to_model = open_check_images(spec, info)
     positions = _spread(len(source), limit)
     pairs = list(_inputs(source, positions, info.input_size))
     if not pairs:

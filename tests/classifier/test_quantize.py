@@ -125,7 +125,7 @@ def test_without_held_out_labels_int8_asks_for_them_in_one_line(linear_model, tm
     (model / "classifier.json").write_text(info.to_json())
     status = export_main(["--model", str(model), "--quantize", "int8", "--quiet"])
     assert_one_line_error(capsys, status, "--check-data", prog="ssl-export")
-    assert not (model / ONNX_INT8_FILE).exists()
+    assert not (model / ONNX_INT8_FILE).exists() and not (model / ONNX_FILE).exists()  # said before any export
 
 
 def test_check_data_with_classes_the_classifier_does_not_know_is_one_line(linear_model, tmp_path, capsys):
@@ -135,10 +135,22 @@ def test_check_data_with_classes_the_classifier_does_not_know_is_one_line(linear
     (check / "7").rename(check / "seven")
     status = export_main(["--model", str(model), "--quantize", "int8", "--check-data", str(check), "--quiet"])
     assert_one_line_error(capsys, status, "classes seven are not the classifier's", prog="ssl-export")
-    assert not (model / ONNX_INT8_FILE).exists()
+    assert not (model / ONNX_INT8_FILE).exists() and not (model / ONNX_FILE).exists()
 
 
 def test_quantize_needs_onnx(linear_model, tmp_path, capsys):
     status = export_main(["--model", str(linear_model), "--format", "torchscript", "--quantize", "int8",
                           "--out", str(tmp_path / "m.pt"), "--quiet"])
     assert_one_line_error(capsys, status, "only with --format onnx", prog="ssl-export")
+
+
+def test_a_calibration_folder_with_no_readable_image_is_one_line_before_any_export(linear_model, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(linear_model, model)
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    (calibration / "empty.png").write_bytes(b"")
+    (calibration / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    status = export_main(["--model", str(model), "--quantize", "int8", "--calibration", str(calibration), "--quiet"])
+    assert_one_line_error(capsys, status, "calibration images:", "could be read", prog="ssl-export")
+    assert not (model / ONNX_INT8_FILE).exists() and not (model / ONNX_FILE).exists()
