@@ -132,13 +132,27 @@ def time_decoders(files: list[Path], side: int, rounds: int) -> dict[str, float]
 
 
 def time_pretraining(args, argv, folder: Path) -> None:
-    """Bare step vs the batch pipeline vs the per-image PIL loader on ``folder``."""
+    """Bare step vs the batch pipeline vs the per-image PIL loader on ``folder``, with a fresh
+    pixel cache of its own."""
+    cache = tempfile.mkdtemp(prefix="bench-decode-cache-")  # empty: the first set-up decodes
+    previous = os.environ.get("SSL_PRETRAIN_CACHE")
+    os.environ["SSL_PRETRAIN_CACHE"] = cache
+    try:
+        _time_pretraining(args, argv, folder)
+    finally:  # the caller's cache setting back, and no cache left behind
+        if previous is None:
+            os.environ.pop("SSL_PRETRAIN_CACHE", None)
+        else:
+            os.environ["SSL_PRETRAIN_CACHE"] = previous
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _time_pretraining(args, argv, folder: Path) -> None:
     import bench_throughput as throughput
     from ssl_pretrain.config import load_config
     from ssl_pretrain.data.pipeline import build_loader
     from ssl_pretrain.train import resolve_device, train_step
 
-    os.environ["SSL_PRETRAIN_CACHE"] = tempfile.mkdtemp(prefix="bench-decode-cache-")  # the first set-up decodes
     overrides = [f"data.source={folder}", *args.overrides]
     cfg = load_config(args.config, overrides)
     device = resolve_device(cfg.train.device)

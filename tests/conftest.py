@@ -7,7 +7,9 @@ must write into their own ``tmp_path``, never into these.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from digit_files import export_random_backbone, write_digit_images, write_digits
 # The precision probe's answers go to a throw-away cache, never the user's ~/.cache (subprocesses
 # started by tests inherit it).
 os.environ["SSL_PRETRAIN_CACHE"] = tempfile.mkdtemp(prefix="ssl-pretrain-cache-")
+atexit.register(shutil.rmtree, os.environ["SSL_PRETRAIN_CACHE"], ignore_errors=True)  # gone with the session
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
