@@ -41,7 +41,7 @@ from PIL import Image
 
 import benchmarking
 from ssl_classifier.export import export_classifier
-from ssl_classifier.quantize import calibration_batches, quantize_checked
+from ssl_classifier.quantize import calibration_batches, check_images, quantize_checked
 from ssl_classifier.model import ONNX_FILE, ONNX_INT8_FILE, load_network, read_info
 from ssl_classifier.predict import Classifier, predict_files
 from ssl_classifier.preprocess import to_input
@@ -94,8 +94,8 @@ def build_model(name: str, root: Path) -> Path:
     # the check), checked on the training digits so that the test digits score each file
     # once, in the table; a file ssl-export would refuse is still timed, and the log says so
     batches, _ = calibration_batches("builtin:digits:train", size)
-    check, _ = quantize_checked(model / ONNX_FILE, model / ONNX_INT8_FILE, batches, read_info(model),
-                                "builtin:digits:train")
+    check, _ = quantize_checked(model / ONNX_FILE, model / ONNX_INT8_FILE, batches,
+                                check_images("builtin:digits:train", read_info(model)))
     print(f"  {name} int8 checked on the {check.images} training digits: top-1 {100 * check.top1_fp32:.1f}% fp32 "
           f"vs {100 * check.top1_int8:.1f}% int8" + (f", {check.recipe}" if check.recipe else "")
           + ("" if check.acceptable() else " - ssl-export would refuse this file"), file=sys.stderr)

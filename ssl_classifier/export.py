@@ -23,8 +23,8 @@ import torch
 
 from ssl_classifier.model import (ONNX_FILE, ONNX_INT8_FILE, TORCHSCRIPT_FILE, ClassifierError, load_network,
                                   resolve_model_dir)
-from ssl_classifier.quantize import (MAX_ACCURACY_DROP, QuantizationCheck, calibration_batches,
-                                     default_calibration_source, default_check_source, open_check_images,
+from ssl_classifier.quantize import (MAX_ACCURACY_DROP, CheckImages, QuantizationCheck, calibration_batches,
+                                     default_calibration_source, default_check_source, check_images,
                                      quantize_checked)
 from ssl_pretrain.checkpoint import atomic_write
 
@@ -109,9 +109,8 @@ def export_classifier(model_dir: str | Path, fmt: str = "onnx", out: str | Path 
     model_dir = resolve_model_dir(model_dir)
     network, info = load_network(model_dir)
     network = network.float().eval()
-    if quantize:  # what int8 needs is checked and decoded first: a missing or wrong folder fails before any export
-        check_spec = check_data or default_check_source(info)
-        open_check_images(check_spec, info)
+    if quantize:  # what int8 needs is decoded first: a missing or wrong folder fails before any export
+        checking = check_images(check_data or default_check_source(info), info)
         calibration = calibration or default_calibration_source(info)
         prepared = calibration_batches(calibration, info.input_size)
     inputs = _check_batch(info.input_size)
@@ -133,18 +132,18 @@ def export_classifier(model_dir: str | Path, fmt: str = "onnx", out: str | Path 
     result = ExportResult(path, fmt, diff)
     if quantize:
         target = Path(out) if out else model_dir / ONNX_INT8_FILE
-        result.int8_path, result.int8_check = target, _export_int8(path, target, info, calibration, prepared,
-                                                                   check_spec)
+        result.int8_path, result.int8_check = target, _export_int8(path, target, calibration, prepared,
+                                                                   checking)
     return result
 
 
-def _export_int8(fp32_path: Path, target: Path, info, calibration_spec: str, prepared: tuple[list, int],
-                 check_spec: str):
+def _export_int8(fp32_path: Path, target: Path, calibration_spec: str, prepared: tuple[list, int],
+                 checking: CheckImages):
     """Quantise, check against fp32, and only then move the int8 file into place."""
     batches, skipped_calibration = prepared
     with tempfile.TemporaryDirectory(dir=target.parent if target.parent.is_dir() else None) as folder:
         candidate = Path(folder) / target.name
-        check, skipped_check = quantize_checked(fp32_path, candidate, batches, info, check_spec)
+        check, skipped_check = quantize_checked(fp32_path, candidate, batches, checking)
         check.calibration_images, check.skipped = len(batches), skipped_calibration + skipped_check
         if check.skipped:
             log.warning("int8 export: %d unreadable image(s) skipped (calibration %d, check %d)",

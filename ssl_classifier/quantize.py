@@ -155,9 +155,9 @@ ranges; the same with ranges at the 99.999th percentile (outliers no longer stre
 the stem convolution in float (BENCHMARKS.md, "AVX2 only, and int8 with 7-bit weights")."""
 
 
-def quantize_checked(fp32_path: Path, int8_path: Path, batches: list[np.ndarray], info: ClassifierInfo,
-                     check_spec: str) -> tuple[QuantizationCheck, int]:
-    """Quantise ``fp32_path`` into ``int8_path`` and check it on ``check_spec``; a file that loses
+def quantize_checked(fp32_path: Path, int8_path: Path, batches: list[np.ndarray],
+                     images: CheckImages) -> tuple[QuantizationCheck, int]:
+    """Quantise ``fp32_path`` into ``int8_path`` and check it on ``images``; a file that loses
     more than ``MAX_ACCURACY_DROP`` is made again with the next of ``RECIPES`` and checked again.
     ``(check of the file left in int8_path, unreadable check images)``; the caller decides what a
     check that still fails means (``ssl-export`` refuses the file)."""
@@ -169,7 +169,7 @@ def quantize_checked(fp32_path: Path, int8_path: Path, batches: list[np.ndarray]
             options["overrides"] = {key: getattr(CalibrationMethod, value) if key == "calibrate_method" else value
                                     for key, value in options["overrides"].items()}
         quantize_onnx(fp32_path, int8_path, batches, **options)
-        check, skipped = check_int8(fp32_path, int8_path, info, check_spec)
+        check, skipped = check_int8(fp32_path, int8_path, images)
         check.recipe = recipe
         if check.acceptable():
             break
@@ -187,12 +187,20 @@ def _logits(path: Path, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
                            for start in range(0, len(inputs), batch_size)])
 
 
-def open_check_images(spec: str, info: ClassifierInfo):
-    """``(source, labels, source class index -> classifier class index)`` of the labelled images
-    ``spec``; cheap (lists, decodes nothing), so ``ssl-export`` calls it before any work.
+@dataclass
+class CheckImages:
+    """The held-out labelled images, decoded once for every recipe's check."""
+
+    inputs: np.ndarray  # (N, 3, S, S) float32, as the classifier sees them
+    truth: np.ndarray  # the classifier's class index of each
+    skipped: int  # unreadable files among those tried
+
+
+def check_images(spec: str, info: ClassifierInfo, limit: int = CHECK_IMAGES) -> CheckImages:
+    """Up to ``limit`` labelled images of ``spec``, spread over it, decoded for the check.
 
     Raises:
-        ClassifierError: a source that cannot be opened, has no labels, or labels the classifier does not know.
+        ClassifierError: a source without labels, labels the classifier does not know, or no readable image.
     """
     source = _open(spec, "check", labelled=True)
     labels = getattr(source, "labels", None)
@@ -202,31 +210,27 @@ def open_check_images(spec: str, info: ClassifierInfo):
     unknown = sorted(set(names) - set(info.classes))
     if unknown:
         raise ClassifierError(f"check images: classes {', '.join(unknown[:8])} are not the classifier's")
-    return source, labels, np.array([info.classes.index(name) for name in names])
-
-
-def check_int8(fp32_path: Path, int8_path: Path, info: ClassifierInfo, spec: str,
-               limit: int = CHECK_IMAGES) -> tuple[QuantizationCheck, int]:
-    """Score both files on the labelled images of ``spec``; ``(check, skipped)``.
-
-    Raises:
-        ClassifierError: a source without labels, labels the classifier does not know, or no readable image.
-    """
-    from sklearn.metrics import balanced_accuracy_score
-
-    source, labels, to_model = open_check_images(spec, info)
+    to_model = np.array([info.classes.index(name) for name in names])
     positions = _spread(len(source), limit)
     pairs = list(_inputs(source, positions, info.input_size))
     if not pairs:
         raise ClassifierError(f"check images: none of the {len(positions)} images tried in {spec} could be read")
-    truth = to_model[np.asarray(labels)[[position for position, _ in pairs]]]
-    inputs = np.stack([pixels for _, pixels in pairs])
-    fp32, int8 = _logits(fp32_path, inputs).argmax(1), _logits(int8_path, inputs).argmax(1)
+    return CheckImages(inputs=np.stack([pixels for _, pixels in pairs]),
+                       truth=to_model[np.asarray(labels)[[position for position, _ in pairs]]],
+                       skipped=len(positions) - len(pairs))
+
+
+def check_int8(fp32_path: Path, int8_path: Path, images: CheckImages) -> tuple[QuantizationCheck, int]:
+    """Score both files on ``images``; ``(check, unreadable check images)``."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    truth = images.truth
+    fp32, int8 = _logits(fp32_path, images.inputs).argmax(1), _logits(int8_path, images.inputs).argmax(1)
     check = QuantizationCheck(
-        images=len(pairs), top1_fp32=float(np.mean(fp32 == truth)), top1_int8=float(np.mean(int8 == truth)),
+        images=len(truth), top1_fp32=float(np.mean(fp32 == truth)), top1_int8=float(np.mean(int8 == truth)),
         balanced_fp32=float(balanced_accuracy_score(truth, fp32)), balanced_int8=float(balanced_accuracy_score(truth, int8)),
         agreement=float(np.mean(fp32 == int8)), calibration_images=0, skipped=0)
-    return check, len(positions) - len(pairs)
+    return check, images.skipped
 
 
 def _recorded_data(info: ClassifierInfo, role: str) -> str | None:

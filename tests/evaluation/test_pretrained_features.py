@@ -1,5 +1,6 @@
 """The point of the product: on the digits, SimCLR-pretrained features beat the same network with
-random weights when labels are few, and hold their own with every label. About 90 s on 2 CPU cores (the demo pretraining), hence ``slow``."""
+random weights when labels are few, and hold their own with every label. About 90 s on 2 CPU
+cores (the demo pretraining), hence ``slow``."""
 
 from __future__ import annotations
 
